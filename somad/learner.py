@@ -43,9 +43,9 @@ from .model import (
 @dataclass(frozen=True)
 class LearnerConfig:
     rule: str = "sgd"  # "sgd" (tuned eta) or "seed" (eta = 1 with a weight bound)
-    lr: float = 0.05  # eta for "sgd"; "seed" always uses 1.0
+    lr: float = 0.1  # eta for "sgd"; "seed" always uses 1.0
     weight_bound: float = 0.0  # |w| <= bound after each update (0 = none); "seed" needs one
-    batch: int = 16  # observations per weight update
+    batch: int = 32  # observations per weight update
     max_chunk: int = 64  # bytes scored together at most (memory of kernels grows as chunk^2)
     resync_chunks: int = 256  # score-only: recompute the carried state exactly this often
     metabolism: MetabolismConfig = field(default_factory=MetabolismConfig)
@@ -143,9 +143,8 @@ class SomaLearner:
     def _advance_traces(self, cache) -> None:
         """T <- alpha^n T + sum over the chunk's bytes (exact, float64)."""
         n = cache.data.numel()
-        onehot = torch.zeros(n, cache.uniq.numel(), dtype=torch.float64)
-        onehot[torch.arange(n), torch.searchsorted(cache.uniq, cache.data)] = 1.0
-        increment = (self.kern.last_row(n) @ onehot).t()  # (m, K)
+        increment = torch.zeros(cache.uniq.numel(), self.cfg.n_bands, dtype=torch.float64)
+        increment.index_add_(0, cache.inverse, self.kern.last_row(n).t())  # (m, K)
         self.traces = self.traces * self.kern.carry64[n]
         self.traces.index_add_(0, cache.uniq, increment)
         self.seen[cache.uniq] = True
@@ -158,8 +157,9 @@ class SomaLearner:
             self.sync_carry()
             return
         n, k = cache.data.numel(), self.cfg.n_bands
-        rows = mix_bands(self.cfg, self.params.ucat.view(V, k, -1)[cache.uniq])  # (m, K, C)
-        self.carry = self.carry * self.kern.carry[n][:, None] + torch.einsum("vj,vjc->jc", self._increment.float(), rows)
+        rows = mix_bands(self.cfg, cache.rows.view(-1, k, self.cfg.out_dim))  # (m, K, C)
+        increment = (self._increment.float()[:, :, None] * rows).sum(0)  # (K, C)
+        self.carry = self.carry * self.kern.carry[n][:, None] + increment
 
     def _update(self, cache, probs, observed, old_traces) -> torch.Tensor:
         """One SGD step from the chunk's observations. Returns per-band gradient power (K,)."""

@@ -9,9 +9,12 @@ surprise, within an energy budget, and keeps the bookkeeping the metrics endpoin
 - eta(d) = r^d I(d)  spectral efficiency
 
 Policy (``mode="adaptive"``):
-- surprise z = (fast mean of bits - slow mean of bits) / slow std of bits;
+- surprise z = (fast mean of bits - slow mean of bits) / standard error of the fast mean
+  (per-byte std over sqrt(2 * fast_bytes), the effective sample size of the fast average);
 - z > ``novel_z``: d falls at once to its floor (observe every byte while the budget lasts);
-- z < ``familiar_z``: d rises by one band per ``rise_bytes`` bytes, up to ``d_max``;
+- -``progress_z`` < z < ``familiar_z``: neither surprised nor still improving (a learned,
+  stationary stream): d rises by one band per ``rise_bytes`` bytes, up to ``d_max``;
+- z <= -``progress_z``: the loss is still falling (learning pays): d holds;
 - energy budget: a token bucket filled at ``budget`` observations per byte (or per second
   when ``budget_obs_per_s`` is set) holding at most ``burst`` observations; while it is empty,
   d is held at or above log_r(1 / rate) so the long-run cost stays within the budget.
@@ -35,15 +38,16 @@ import torch
 class MetabolismConfig:
     mode: str = "adaptive"  # "adaptive": d follows surprise; "fixed": d stays at ``d``
     d: float = 0.0  # starting band (adaptive) or the band (fixed)
-    d_max: float = 10.0  # ceiling for d: at r = phi, one observation per 123 bytes
+    d_max: float = 6.0  # ceiling for d: at r = phi, one observation per 18 bytes
     budget: float = 0.25  # long-run observations per byte at most (1.0 = no limit)
     budget_obs_per_s: float | None = None  # alternatively, observations per second at most
     burst: float = 8192.0  # observations that may be spent above budget in one burst
     fast_bytes: float = 64.0  # time constant (bytes) of the fast average of surprise
     slow_bytes: float = 8192.0  # time constant (bytes) of the slow average and variance
-    novel_z: float = 2.0  # surprise (in slow std units) that sends d to its floor
-    familiar_z: float = 0.5  # surprise below which d rises
-    rise_bytes: float = 512.0  # bytes of familiar input per band of rise
+    novel_z: float = 6.0  # surprise (standard errors) that sends d to its floor
+    familiar_z: float = 2.0  # surprise below which d may rise
+    progress_z: float = 2.0  # improvement (standard errors) that means "still learning": hold d
+    rise_bytes: float = 2048.0  # bytes of familiar input per band of rise
 
     def __post_init__(self) -> None:
         if self.mode not in ("adaptive", "fixed"):
@@ -77,6 +81,7 @@ class Metabolism:
         self.byte_rate = 0.0  # bytes per second, when the caller passes elapsed time
         self.band_power = torch.zeros(n_bands, dtype=torch.float64)  # EMA of |g_k|^2 per observation
         self._k = torch.arange(1, n_bands + 1, dtype=torch.float64)
+        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ planning
 
@@ -121,28 +126,36 @@ class Metabolism:
         if self.cfg.mode == "adaptive":
             self._adapt(n)
 
+    def _ema_weights(self, n: int) -> torch.Tensor:
+        """(3, n) weights and (2,) decays: the closed form of n EMA steps (cached per n)."""
+        if n not in self._weights:
+            taus = torch.tensor([self.cfg.fast_bytes, self.cfg.slow_bytes], dtype=torch.float64)
+            a = 1.0 - 1.0 / taus
+            w = (1.0 - a)[:, None] * a[:, None] ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
+            self._weights[n] = (w, a**n)
+        return self._weights[n]
+
     def _update_surprise(self, bits: torch.Tensor) -> None:
-        n = bits.numel()
-        for name, tau in (("fast", self.cfg.fast_bytes), ("slow", self.cfg.slow_bytes)):
-            a = 1.0 - 1.0 / tau
-            w = (1.0 - a) * a ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
-            setattr(self, name, a**n * getattr(self, name) + float(w @ bits))
-            if name == "slow":
-                self.slow_sq = a**n * self.slow_sq + float(w @ (bits * bits))
-        self.warm = min(self.warm + n, 10 * self.cfg.slow_bytes)
+        w, decay = self._ema_weights(bits.numel())
+        fast, slow = (w @ bits).tolist()
+        slow_sq = float(w[1] @ (bits * bits))
+        self.fast = float(decay[0]) * self.fast + fast
+        self.slow = float(decay[1]) * self.slow + slow
+        self.slow_sq = float(decay[1]) * self.slow_sq + slow_sq
+        self.warm = min(self.warm + bits.numel(), 10 * self.cfg.slow_bytes)
 
     def _debiased(self, value: float, tau: float) -> float:
         """EMA started at zero, corrected for the missing history (as Adam does)."""
         return value / (1.0 - (1.0 - 1.0 / tau) ** self.warm) if self.warm else 0.0
 
     def surprise(self) -> float:
-        """z = (fast mean - slow mean) / slow std, in slow standard deviations."""
+        """z = (fast mean - slow mean) / standard error of the fast mean."""
         if self.warm < self.cfg.fast_bytes:
             return 0.0
         fast = self._debiased(self.fast, self.cfg.fast_bytes)
         slow = self._debiased(self.slow, self.cfg.slow_bytes)
         var = max(self._debiased(self.slow_sq, self.cfg.slow_bytes) - slow * slow, 0.0)
-        return (fast - slow) / math.sqrt(var + 0.01)
+        return (fast - slow) / math.sqrt((var + 0.01) / (2.0 * self.cfg.fast_bytes))
 
     def _spend(self, n: int, n_obs: int, seconds: float) -> None:
         if seconds > 0:
@@ -168,7 +181,7 @@ class Metabolism:
         z = self.surprise()
         if z > self.cfg.novel_z:
             self.d = 0.0
-        elif z < self.cfg.familiar_z:
+        elif -self.cfg.progress_z < z < self.cfg.familiar_z:
             self.d = min(self.cfg.d_max, self.d + n / self.cfg.rise_bytes)
         self.d = max(self.d, self.budget_floor())
 

@@ -254,6 +254,8 @@ class ChunkCache:
 
     data: torch.Tensor  # (n,) long: the chunk's bytes, also the targets
     uniq: torch.Tensor  # (m,) long: distinct byte values in the chunk
+    inverse: torch.Tensor  # (n,) long: index of each byte in uniq
+    rows: torch.Tensor  # (m*K, C): Ucat rows of the chunk's byte values (a copy)
     feat_local: torch.Tensor  # (n, m*K) float32: local features
     carry: torch.Tensor  # (n, K) float32: alpha_j^t
     z: torch.Tensor  # (n, H) hidden pre-activations
@@ -278,8 +280,8 @@ def forward_chunk(
     onehot = torch.zeros(n, m)
     onehot[torch.arange(n), inv] = 1.0  # (n, m)
     local = kern.local[:, :n, :n] if n < kern.n else kern.local
-    feat_local = torch.matmul(local, onehot).permute(1, 2, 0).reshape(n, m * k)  # (n, m*K)
-    rows = params.ucat.view(V, k, -1)[uniq].reshape(m * k, -1)  # (m*K, C)
+    feat_local = (local.reshape(k * n, n) @ onehot).view(k, n, m).permute(1, 2, 0).reshape(n, m * k)  # (n, m*K)
+    rows = params.ucat.view(V, -1).index_select(0, uniq).view(m * k, -1)  # (m*K, C)
     carry = kern.carry[:n]  # (n, K)
     zc = torch.addmm(carry @ carry_p, feat_local, rows)  # (n, C)
     z = zc[:, :hdim]
@@ -287,7 +289,7 @@ def forward_chunk(
     logits = torch.addmm(params.b, h, params.w)  # (n, 256)
     if cfg.direct_readout:
         logits += zc[:, hdim:]
-    return ChunkCache(data, uniq, feat_local, carry, z, h, logits)
+    return ChunkCache(data, uniq, inv, rows, feat_local, carry, z, h, logits)
 
 
 def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

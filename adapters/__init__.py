@@ -1,0 +1,1 @@
+"""Sources and sinks. Adapters know nothing of the model: a source yields bytes."""

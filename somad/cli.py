@@ -1,0 +1,58 @@
+"""The ``somad`` command line. Exit codes: 0 ok, 1 failure, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .model import PRESETS
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="somad",
+        description="Streaming anomaly daemon: learns byte streams online with soma and scores their surprise.",
+    )
+    p.add_argument("--version", action="version", version=f"somad {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon (without --config: the embedded simulated-sensor default)")
+    run.add_argument("--seconds", type=_positive(float), default=None, help="stop after this many seconds (default: run until Ctrl-C)")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model preset (default: small)")
+    run.add_argument("--rate", type=_positive(float), default=200.0, help="simulated sensor lines per second (default: 200)")
+    run.add_argument("--fast", action="store_true", help="feed the simulated sensor as fast as the learner goes")
+    run.add_argument("--json", action="store_true", help="print one final JSON summary on stdout, status lines on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "run":
+        from .run import RunOptions, run_embedded
+
+        opts = RunOptions(seconds=args.seconds, preset=args.preset, rate=args.rate, realtime=not args.fast)
+        summary = run_embedded(opts, out=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps(summary))
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
