@@ -76,6 +76,9 @@ class SomaLearner:
         self.cfg = cfg
         self.lcfg = lcfg or LearnerConfig()
         self.params = params or SomaParams.init(cfg)
+        if self.lcfg.weight_bound > 0:  # the bound holds for every weight, from the start
+            for tensor in (self.params.ucat, self.params.w, self.params.b):
+                tensor.clamp_(-self.lcfg.weight_bound, self.lcfg.weight_bound)
         self.kern = ChunkKernels(cfg, self.lcfg.max_chunk)
         self.alpha = self.kern.alpha  # (K,) float64
         self.traces = torch.zeros(V, cfg.n_bands, dtype=torch.float64)  # the trace bank

@@ -83,7 +83,7 @@ COMPAT_FIELDS = ("n_bands", "hidden_dim", "base", "direct_readout")
 
 # Edge presets. Sizes chosen by bench/throughput and bench/bpb (see README).
 PRESETS: dict[str, SomaConfig] = {
-    "tiny": SomaConfig(n_bands=16, hidden_dim=32),  # Pi Zero class: ~0.2 M parameters
+    "tiny": SomaConfig(n_bands=16, hidden_dim=32, direct_readout=False),  # Pi Zero class: ~0.14 M parameters
     "small": SomaConfig(n_bands=24, hidden_dim=128),  # Pi 4 default: ~2.4 M parameters
     "base": SomaConfig(n_bands=32, hidden_dim=512),  # Mac mini: ~6.4 M parameters
     "seed": SomaConfig(n_bands=46, hidden_dim=8192),  # the paper's model: ~100 M parameters
