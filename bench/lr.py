@@ -1,6 +1,7 @@
 """Learning-rate rules against each other: online bits/byte and speed at d = 0.
 
     python -m bench.lr [--input nab_realKnownCause.csv] [--max-bytes 300000] [--preset small]
+                       [--features bandpass|traces]
 
 Rows: the seed's rule (eta = 1 with a weight bound |w| <= c, several c) and plain SGD with
 several eta, all with per-band gamma_obs scaling (all 1 at d = 0) and the default batch.
@@ -32,9 +33,9 @@ RULES = (
 )
 
 
-def run_rule(data: bytes, preset_name: str, rule: str, lr: float, bound: float) -> dict:
+def run_rule(data: bytes, preset_name: str, features: str, rule: str, lr: float, bound: float) -> dict:
     cfg = LearnerConfig(rule=rule, lr=lr, weight_bound=bound, metabolism=MetabolismConfig(mode="fixed", d=0.0))
-    learner = SomaLearner(preset(preset_name), cfg)
+    learner = SomaLearner(preset(preset_name, features=features), cfg)
     start = time.process_time()
     bits = learner.learn(data).double()
     seconds = time.process_time() - start
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", default="nab_realKnownCause.csv")
     p.add_argument("--max-bytes", type=int, default=300_000)
     p.add_argument("--preset", default="small")
+    p.add_argument("--features", choices=("bandpass", "traces"), default="bandpass")
     p.add_argument("--data", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -64,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for rule, lr, bound in RULES:
         log(f"{rule} eta={lr} bound={bound} ...")
-        results.append(run_rule(data, args.preset, rule, lr, bound))
-    print(f"## Learning-rate rules at d=0: preset {args.preset}, first {len(data):,} bytes of {path.name}, 1 thread")
+        results.append(run_rule(data, args.preset, args.features, rule, lr, bound))
+    print(f"## Learning-rate rules at d=0: preset {args.preset} ({args.features}), first {len(data):,} bytes of {path.name}, 1 thread")
     print(
         table(
             ["rule", "eta", "weight bound", "bits/byte", "last 1/5 bits/byte", "KB/s (CPU time)"],
