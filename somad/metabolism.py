@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import band_confidence
+
 
 @dataclass(frozen=True)
 class MetabolismConfig:
@@ -80,7 +82,6 @@ class Metabolism:
         self.bytes = 0
         self.byte_rate = 0.0  # bytes per second, when the caller passes elapsed time
         self.band_power = torch.zeros(n_bands, dtype=torch.float64)  # EMA of |g_k|^2 per observation
-        self._k = torch.arange(1, n_bands + 1, dtype=torch.float64)
         self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ planning
@@ -96,7 +97,7 @@ class Metabolism:
 
     def gamma(self) -> torch.Tensor:
         """gamma_obs(k, d) for k = 1..K (float64)."""
-        return torch.clamp(self.base ** (self._k - self.d), max=1.0)
+        return band_confidence(self.base, self.n_bands, self.d)
 
     def observation_mask(self, n: int) -> torch.Tensor:
         """Which of the next n bytes are observations at stride r^d (advances the phase)."""

@@ -138,10 +138,15 @@ def closed_form_traces(data: bytes, alpha: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def band_confidence(base: float, n_bands: int, d: float) -> torch.Tensor:
+    """gamma_obs(k, d) = min(1, r^(k - d)) for k = 1..K (float64): trust in band k's gradient at band d."""
+    k = torch.arange(1, n_bands + 1, dtype=torch.float64)
+    return torch.clamp(base ** (k - d), max=1.0)
+
+
 def gamma_obs(cfg: SomaConfig, d: float) -> torch.Tensor:
-    """gamma_obs(k, d) = min(1, r^(k - d)) for k = 1..K: trust in band k's gradient at band d."""
-    k = torch.arange(1, cfg.n_bands + 1, dtype=torch.float64)
-    return torch.clamp(cfg.base ** (k - d), max=1.0)
+    """band_confidence for a model's bands."""
+    return band_confidence(cfg.base, cfg.n_bands, d)
 
 
 def stride(cfg: SomaConfig, d: float) -> float:
@@ -323,7 +328,7 @@ def backward_chunk(
     the local features (a GEMM over the chunk's byte values) and the carried state, whose part
     is  sum_j T0[v, j] M[j, k] D_j  (see ``expand_carry_grad``).
     """
-    k, hdim = cfg.n_bands, cfg.hidden_dim
+    k = cfg.n_bands
     idx = None if observed is None else observed.nonzero().squeeze(1)
     sel = (lambda x: x) if idx is None else (lambda x: x.index_select(0, idx))
     g = sel(probs).clone()  # (o, 256): softmax - onehot
