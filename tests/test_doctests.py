@@ -1,11 +1,22 @@
-"""Run the docstring examples of the modules that carry them."""
+"""Run the docstring examples of every module in somad/ and adapters/ that carries them."""
 
 import doctest
 import importlib
+from pathlib import Path
 
 import pytest
 
-MODULES = ["somad.metabolism", "somad.records", "adapters.simulate"]
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for package in ("somad", "adapters")
+    for path in (ROOT / package).rglob("*.py")
+    if ">>> " in path.read_text()
+)
+
+
+def test_modules_with_examples_are_found():
+    assert "somad.metabolism" in MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)
