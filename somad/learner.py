@@ -87,6 +87,7 @@ class SomaLearner:
         self.metabolism = Metabolism(self.lcfg.metabolism, cfg.base, cfg.n_bands)
         self.bytes_seen = 0
         self.updates = 0
+        self.eta_scale = 1.0  # the pipeline lowers it while an alert is open ("reduced" learning)
         self._chunks_since_sync = 0
 
     # ------------------------------------------------------------------ public API
@@ -105,7 +106,7 @@ class SomaLearner:
         self._chunks_since_sync = 0
 
     def stats(self) -> dict:
-        return {"bytes_seen": self.bytes_seen, "updates": self.updates, "eta": self.lcfg.eta, **self.metabolism.stats()}
+        return {"bytes_seen": self.bytes_seen, "updates": self.updates, "eta": self.lcfg.eta * self.eta_scale, **self.metabolism.stats()}
 
     # ------------------------------------------------------------------ internals
 
@@ -173,7 +174,7 @@ class SomaLearner:
         where = torch.searchsorted(seen_idx, cache.uniq)
         delta.index_add_(0, where, grads.local_rows)
         power = delta.pow(2).sum(dim=(0, 2)).to(torch.float64)  # |g_k|^2 summed over observations
-        eta = self.lcfg.eta
+        eta = self.lcfg.eta * self.eta_scale
         gamma = self.metabolism.gamma().to(torch.float32)  # (K,)
         delta.mul_((-eta * gamma)[None, :, None])
         rows = self.params.ucat.view(V, k, -1)
