@@ -13,3 +13,16 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real mosquitto on a free 127.0.0.1 port, persistence on; stopped after the test.
+    Skipped, saying why, only where the mosquitto binary is absent (``./dev test`` installs it)."""
+    from tests.brokers import MOSQUITTO, Mosquitto
+
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto, or run ./dev test as root)")
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    yield broker
+    broker.kill()
