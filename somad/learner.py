@@ -108,6 +108,65 @@ class SomaLearner:
     def stats(self) -> dict:
         return {"bytes_seen": self.bytes_seen, "updates": self.updates, "eta": self.lcfg.eta * self.eta_scale, **self.metabolism.stats()}
 
+    def state_dict(self) -> dict:
+        """Everything that evolves while learning, as copies (safe to save while learning goes on).
+
+        U and Wd are stored apart (the checkpoint format names them); ``carry`` is kept although
+        it can be recomputed, so that a resumed learner continues bit for bit. ``eta_scale`` is
+        not state: the pipeline sets it before each chunk.
+
+        >>> from somad.model import preset
+        >>> a = SomaLearner(preset("tiny")); _ = a.learn(b"hello world\\n" * 4)
+        >>> b = SomaLearner(preset("tiny")); b.load_state_dict(a.state_dict())
+        >>> bool((a.learn(b"hello") == b.learn(b"hello")).all())
+        True
+        """
+        hdim = self.cfg.hidden_dim
+        state = {
+            "U": self.params.ucat[:, :hdim].contiguous().clone(),  # (256*K, H)
+            "W": self.params.w.clone(),  # (H, 256)
+            "b": self.params.b.clone(),  # (256,)
+            "traces": self.traces.clone(),  # (256, K) float64
+            "seen": self.seen.clone(),  # (256,) bool
+            "carry": self.carry.clone(),  # (K, out_dim)
+            "bytes_seen": self.bytes_seen,
+            "updates": self.updates,
+            "chunks_since_sync": self._chunks_since_sync,
+            "metabolism": self.metabolism.state_dict(),
+        }
+        if self.cfg.direct_readout:
+            state["Wd"] = self.params.ucat[:, hdim:].contiguous().clone()  # (256*K, 256)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take over a ``state_dict()`` of a learner with the same architecture.
+
+        Raises ``ValueError`` naming the missing, unknown or misshapen entries.
+        """
+        expected = learner_state_shapes(self.cfg)
+        known = set(expected) | {"bytes_seen", "updates", "chunks_since_sync", "metabolism"}
+        missing, unknown = sorted(known - set(state)), sorted(set(state) - known)
+        if missing or unknown:
+            raise ValueError(f"learner state: missing {missing}, unknown {unknown}")
+        for name, (shape, dtype) in expected.items():
+            tensor = state[name]
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(f"learner state: {name} must be {shape} {dtype}, got {got}")
+        hdim = self.cfg.hidden_dim
+        self.params.ucat[:, :hdim] = state["U"]
+        if self.cfg.direct_readout:
+            self.params.ucat[:, hdim:] = state["Wd"]
+        self.params.w.copy_(state["W"])
+        self.params.b.copy_(state["b"])
+        self.traces = state["traces"].clone()
+        self.seen = state["seen"].clone()
+        self.carry = state["carry"].clone()
+        self.bytes_seen = int(state["bytes_seen"])
+        self.updates = int(state["updates"])
+        self._chunks_since_sync = int(state["chunks_since_sync"])
+        self.metabolism.load_state_dict(state["metabolism"])
+
     # ------------------------------------------------------------------ internals
 
     def _run(self, data, learn: bool) -> torch.Tensor:
@@ -193,6 +252,22 @@ class SomaLearner:
     def check_finite(self) -> None:
         if not self.params.all_finite() or not bool(torch.isfinite(self.carry).all()):
             raise NumericalFault(f"non-finite weights after {self.bytes_seen} bytes")
+
+
+def learner_state_shapes(cfg: SomaConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor of ``SomaLearner.state_dict()`` for an architecture."""
+    k, h = cfg.n_bands, cfg.hidden_dim
+    shapes = {
+        "U": ((V * k, h), torch.float32),
+        "W": ((h, V), torch.float32),
+        "b": ((V,), torch.float32),
+        "traces": ((V, k), torch.float64),
+        "seen": ((V,), torch.bool),
+        "carry": ((k, cfg.out_dim), torch.float32),
+    }
+    if cfg.direct_readout:
+        shapes["Wd"] = ((V * k, V), torch.float32)
+    return shapes
 
 
 def online_bits_per_byte(learner: SomaLearner, data: bytes, chunk: int = 1 << 16) -> float:
