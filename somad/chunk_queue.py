@@ -57,9 +57,11 @@ class ChunkQueue:
         return self._bytes
 
     def put(self, chunk: Chunk, timeout: float | None = None) -> bool:
-        """Queue ``chunk``. Under ``block`` waits for room (False on timeout or close)."""
+        """Queue ``chunk``. Under ``block`` waits for room (False on timeout: try again).
+        After ``close`` the chunk is refused and its bytes are counted as dropped."""
         with self._cond:
             if self._closed:
+                self.dropped_bytes += len(chunk.data)  # read from the source but never queued
                 return False
             if self.policy == "block":
                 deadline = None if timeout is None else time.monotonic() + timeout
@@ -69,6 +71,7 @@ class ChunkQueue:
                         return False
                     self._cond.wait(remaining if remaining is not None else 0.5)
                 if self._closed:
+                    self.dropped_bytes += len(chunk.data)
                     return False
             else:
                 chunk = self._make_room(chunk)

@@ -1,4 +1,8 @@
-"""The ``somad`` command line. Exit codes: 0 ok, 1 failure, 2 usage."""
+"""The ``somad`` command line. Exit codes: 0 ok, 1 failure, 2 usage.
+
+``run`` is the daemon; the model verbs (train, score, chat, inspect, merge) live in
+``somad/commands/``, one module each.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import json
 import sys
 
 from . import __version__
+from .check import add_check_arguments, check_command
+from .commands import add_parsers, run_verb
 from .model import PRESETS
 
 
@@ -28,11 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"somad {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon (without --config: the embedded simulated-sensor default)")
+    run.add_argument("--config", metavar="FILE", help="run every stream of this YAML config (SIGHUP reloads it)")
     run.add_argument("--seconds", type=_positive(float), default=None, help="stop after this many seconds (default: run until Ctrl-C)")
     run.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model preset (default: small)")
     run.add_argument("--rate", type=_positive(float), default=200.0, help="simulated sensor lines per second (default: 200)")
     run.add_argument("--fast", action="store_true", help="feed the simulated sensor as fast as the learner goes")
     run.add_argument("--json", action="store_true", help="print one final JSON summary on stdout, status lines on stderr")
+    check = sub.add_parser("check", help="validate a config file and print the effective config (secrets masked)")
+    add_check_arguments(check)
+    add_parsers(sub)  # the model verbs: train, score, chat, inspect, merge (somad/commands/)
     return p
 
 
@@ -42,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "check":
+        return check_command(args)
+    if args.command == "run" and args.config:
+        from .daemon import run_config_file
+
+        return run_config_file(args.config, seconds=args.seconds, summary_json=args.json)
     if args.command == "run":
         from .run import RunOptions, run_embedded
 
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(summary))
         return 0
+    if hasattr(args, "handler"):
+        return run_verb(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
