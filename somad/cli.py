@@ -36,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon (without --config: the embedded simulated-sensor default)")
     run.add_argument("--config", metavar="FILE", help="run every stream of this YAML config (SIGHUP reloads it)")
     run.add_argument("--seconds", type=_positive(float), default=None, help="stop after this many seconds (default: run until Ctrl-C)")
-    run.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model preset (default: small)")
-    run.add_argument("--rate", type=_positive(float), default=200.0, help="simulated sensor lines per second (default: 200)")
-    run.add_argument("--fast", action="store_true", help="feed the simulated sensor as fast as the learner goes")
-    run.add_argument("--json", action="store_true", help="print one final JSON summary on stdout, status lines on stderr")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="small", help="embedded default only: model preset (default: small)")
+    run.add_argument("--rate", type=_positive(float), default=200.0, help="embedded default only: simulated sensor lines per second (default: 200)")
+    run.add_argument("--fast", action="store_true", help="embedded default only: feed the simulated sensor as fast as the learner goes")
+    run.add_argument("--state-dir", metavar="DIR", help="embedded default only: where its checkpoints live (default: $XDG_STATE_HOME/somad-embedded)")
+    run.add_argument("--json", action="store_true", help="print one final JSON summary on stdout (logs stay on stderr)")
     check = sub.add_parser("check", help="validate a config file and print the effective config (secrets masked)")
     add_check_arguments(check)
     add_parsers(sub)  # the model verbs: train, score, chat, inspect, merge (somad/commands/)
@@ -59,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_config_file(args.config, seconds=args.seconds, summary_json=args.json)
     if args.command == "run":
-        from .run import RunOptions, run_embedded
+        from .embedded import run_embedded
 
-        opts = RunOptions(seconds=args.seconds, preset=args.preset, rate=args.rate, realtime=not args.fast)
-        summary = run_embedded(opts, out=sys.stderr if args.json else sys.stdout)
-        if args.json:
-            print(json.dumps(summary))
-        return 0
+        return run_embedded(args.preset, args.rate, realtime=not args.fast, seconds=args.seconds, state_dir=args.state_dir, summary_json=args.json)
     if hasattr(args, "handler"):
         return run_verb(args)
     parser.error(f"unknown command {args.command}")

@@ -54,6 +54,7 @@ import math
 import os
 import re
 import socket
+import string
 import sys
 import types
 import typing
@@ -65,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 if TYPE_CHECKING:  # imported lazily at run time: a missing module is a config error, not an ImportError
+    from adapters.mqtt_common import MqttConnectionOptions
     from .framing import FramingConfig
     from .learner import LearnerConfig
     from .metabolism import MetabolismConfig
@@ -210,19 +212,46 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class RemoteConfig:
-    """Remote configuration (issue 6, second half): fields reserved, not yet acted on."""
+    """Remote configuration (``somad.remote``): config documents from a fleet, over MQTT
+    (``<topic>/set`` in, the result retained on ``<topic>/state``) and/or an HTTP(S) URL polled
+    with ETag / If-Modified-Since. Taken from the local file only: a remote document may not
+    change it (nor ``device`` or ``state_dir``).
 
-    mqtt_host: str | None = None  # broker carrying somad/<device>/config/set (None: no MQTT channel)
-    mqtt_port: int = 1883
-    secret: str | None = None  # HMAC-SHA256 key; when set, unsigned documents are rejected (YAML: or secret_file)
-    url: str | None = None  # HTTP(S) URL polled with ETag / Last-Modified (None: no polling)
-    poll_seconds: float = 60.0  # interval between polls of ``url``
+    >>> RemoteConfig(url="https://fleet.example/gw.yaml").topics("gw-1")
+    ('somad/gw-1/config/set', 'somad/gw-1/config/state')
+    >>> RemoteConfig(url="https://x/c", topic="somad/+/config")
+    Traceback (most recent call last):
+    ...
+    ValueError: topic: wildcards are not allowed, got 'somad/+/config'
+    """
+
+    mqtt: MqttConnectionOptions | None = None  # broker carrying <topic>/set and <topic>/state (host, port, username, password_file, tls, ...); None: no MQTT channel
+    topic: str = "somad/{device}/config"  # documents arrive on <topic>/set; results go, retained, to <topic>/state; {device} is filled in
+    secret: str | None = None  # HMAC-SHA256 key (YAML: or secret_file); when set, unsigned or wrongly signed documents are rejected
+    url: str | None = None  # HTTP(S) URL polled with ETag / If-Modified-Since (None: no polling); user:password@ becomes basic auth
+    poll_seconds: float = 60.0  # interval between polls of ``url`` (failures back off from here, doubling, up to 15 minutes)
+    ca_certs: str = ""  # PEM file of the CAs trusted for an https ``url``; "" = the system's CAs
 
     def __post_init__(self) -> None:
-        _require(self.mqtt_host is not None or self.url is not None, "needs mqtt_host or url (or leave remote out)")
-        _require(0 < self.mqtt_port <= 65535, f"mqtt_port must be in 1..65535, got {self.mqtt_port}")
+        _require(self.mqtt is not None or self.url is not None, "needs mqtt or url (or leave remote out)")
         _require(self.poll_seconds > 0, f"poll_seconds must be > 0, got {self.poll_seconds}")
-        _require(self.url is None or re.match(r"https?://", self.url) is not None, f"url must start with http:// or https://, got {self.url!r}")
+        _require(self.url is None or re.match(r"https?://[^/\s]", self.url) is not None, f"url must start with http:// or https://, got {self.url!r}")
+        _require(self.secret is None or self.secret != "", "secret: must not be empty (leave it out for unsigned documents)")
+        self._check_topic()
+
+    def _check_topic(self) -> None:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.topic) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"topic: {exc} in {self.topic!r}") from None
+        _require(all(f == "device" for f in fields), f"topic: the only placeholder is {{device}}, got {self.topic!r}")
+        _require("+" not in self.topic and "#" not in self.topic, f"topic: wildcards are not allowed, got {self.topic!r}")
+        _require(bool(self.topic.strip("/")) and not self.topic.endswith("/"), f"topic: expected a topic prefix like 'somad/{{device}}/config', got {self.topic!r}")
+
+    def topics(self, device: str) -> tuple[str, str]:
+        """(set topic, state topic) for this device."""
+        prefix = self.topic.format(device=device)
+        return f"{prefix}/set", f"{prefix}/state"
 
 
 # --------------------------------------------------------------------------- schema: per-stream sections
@@ -292,12 +321,24 @@ FINITE_SOURCES = ("file", "stdin", "simulate")  # sources that can wait: "auto" 
 
 @dataclass(frozen=True)
 class QueueConfig:
-    max_bytes: int = 1 << 20  # bytes queued between the source and the learner at most
+    # Bytes queued between the source and the learner at most. Default: 1 MiB for live feeds
+    # (drop_oldest: absorbs bursts) and 64 KiB under block (the source waits anyway; a small
+    # queue keeps shutdown's drain short — a file resumes from its saved offset).
+    max_bytes: int | None = None
     policy: Literal["auto", "block", "drop_oldest"] = "auto"  # auto: block for file/stdin/simulate, drop_oldest for live feeds
 
     def __post_init__(self) -> None:
-        _require(self.max_bytes >= 1024, f"max_bytes must be >= 1024, got {self.max_bytes}")
+        _require(self.max_bytes is None or self.max_bytes >= 1024, f"max_bytes must be >= 1024, got {self.max_bytes}")
         _require_choice(self.policy, ("auto", "block", "drop_oldest"), "policy")
+
+    def resolved_max_bytes(self, source_type: str) -> int:
+        """
+        >>> QueueConfig().resolved_max_bytes("file"), QueueConfig().resolved_max_bytes("mqtt")
+        (65536, 1048576)
+        """
+        if self.max_bytes is not None:
+            return self.max_bytes
+        return 1 << 16 if self.resolved_policy(source_type) == "block" else 1 << 20
 
     def resolved_policy(self, source_type: str) -> str:
         """``block`` or ``drop_oldest``: what ``auto`` means for this source type.
@@ -369,7 +410,8 @@ class Config:
     shutdown_timeout: float = 10.0  # seconds to drain and snapshot on SIGTERM before giving up
     on_bad_checkpoint: Literal["fresh", "exit"] = "fresh"  # fresh: start a new model beside it; exit: refuse to start
     defaults: StreamDefaults = field(default_factory=StreamDefaults)
-    remote: RemoteConfig | None = None
+    remote: RemoteConfig | None = None  # config documents from a fleet (MQTT and/or HTTP); None: local file only
+    watch_config: bool = False  # reload when the config file changes (its mtime, size and inode, checked every 2 s), as on SIGHUP
     streams: tuple[StreamConfig, ...]  # at least one
 
     def __post_init__(self) -> None:
@@ -482,6 +524,7 @@ class _Context:
     catalog: Catalog
     environ: Mapping[str, str]
     device: str = ""  # the document's device name, handed to adapters that have a ``device`` option
+    fallback_device: str | None = None  # the device name when the document names none (None: the host name)
     problems: list[Problem] = field(default_factory=list)
     marks: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (line, column) of its value in the YAML
     key_marks: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (line, column) of its key
@@ -503,7 +546,7 @@ class _Context:
 
     def scratch(self) -> _Context:
         """A context whose problems are thrown away (to try a value without reporting)."""
-        return _Context(self.catalog, self.environ, self.device, [], self.marks, self.key_marks, self.classes)
+        return _Context(self.catalog, self.environ, self.device, self.fallback_device, [], self.marks, self.key_marks, self.classes)
 
     def resolve(self, kind: str, key: str, target: str | type, path: str) -> type | None:
         """A catalog class, or None after reporting (once per context) why it is unavailable."""
@@ -1367,14 +1410,41 @@ def _build_config(data: Any, ctx: _Context) -> Any:
         ctx.problem("", f"expected a mapping at the top level (with at least 'streams'), got {_describe(data)}")
         return INVALID
     device = _from_env_text(data.get("device"))
-    ctx.device = str(device) if isinstance(device, str) and NAME_PATTERN.fullmatch(device) else default_device()
+    fallback = ctx.fallback_device or default_device()
+    ctx.device = str(device) if isinstance(device, str) and NAME_PATTERN.fullmatch(device) else fallback
+    if "device" not in data and ctx.fallback_device:
+        data = {"device": ctx.fallback_device, **data}
     defaults_typed, defaults_raw = _build_defaults(data.get("defaults"), "defaults", ctx)
     converters = {
         "device": _name_converter("device"),
         "defaults": lambda value, path, ctx: defaults_typed,
         "streams": lambda value, path, ctx: _build_streams(value, path, ctx, defaults_raw),
+        "remote": _build_remote,
     }
     return build_dataclass(Config, {**data, "defaults": data.get("defaults")}, "", ctx, converters)
+
+
+REMOTE_MQTT = "adapters.mqtt_common:MqttConnectionOptions"  # remote.mqtt: the same connection keys as the MQTT adapters
+
+
+def _build_remote(value: Any, path: str, ctx: _Context) -> Any:
+    """``remote:`` with its ``mqtt:`` connection built from the MQTT adapters' options (imported on use)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return _expected("a mapping (remote: {mqtt: {...}, url: ..., secret_file: ...})", value, path, ctx)
+
+    def mqtt(options: Any, mqtt_path: str, ctx: _Context) -> Any:
+        if options is None:
+            return None
+        cls = ctx.resolve("section", "remote.mqtt", REMOTE_MQTT, mqtt_path)
+        if cls is None:
+            return INVALID
+        if isinstance(options, dict) and "device" in _init_fields(cls) and "device" not in options and ctx.device:
+            options = {**options, "device": ctx.device}  # client id and topics name this device
+        return build_dataclass(cls, options, mqtt_path, ctx)
+
+    return build_dataclass(RemoteConfig, value, path, ctx, {"mqtt": mqtt})
 
 
 def parse_config(
@@ -1383,13 +1453,16 @@ def parse_config(
     *,
     environ: Mapping[str, str] | None = None,
     catalog: Catalog | None = None,
+    device: str | None = None,
 ) -> Config:
     """A ``Config`` from YAML text, or ``ConfigError`` listing every problem found.
 
     ``environ`` (default ``os.environ``) resolves ``${NAME}``; ``catalog`` (default: the real
-    sections and adapters) says which classes the sections are built from.
+    sections and adapters) says which classes the sections are built from; ``device`` is the
+    device name for a document that names none (default: the host name; a remote document
+    runs under the local file's name).
     """
-    ctx = _Context(catalog or default_catalog(), os.environ if environ is None else environ)
+    ctx = _Context(catalog or default_catalog(), os.environ if environ is None else environ, fallback_device=device)
     config: Any = INVALID
     try:
         data = _read_yaml(text, ctx)

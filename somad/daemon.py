@@ -53,7 +53,7 @@ class StreamRunner:
         self.sinks = [make_sink(s.type, s.options, name=cfg.name) for s in cfg.sinks]
         self.pipeline = StreamPipeline(cfg, state_dir, metrics, self.sinks, self.log, on_bad_checkpoint=on_bad_checkpoint)
         self.source = make_source(cfg.source.type, cfg.source.options, name=cfg.name)
-        self.queue = ChunkQueue(cfg.queue.max_bytes, cfg.queue_policy)
+        self.queue = ChunkQueue(cfg.queue.resolved_max_bytes(cfg.source.type), cfg.queue_policy)
         self._stop_reading = threading.Event()
         self._stop_working = threading.Event()
         self.error: BaseException | None = None
@@ -61,6 +61,7 @@ class StreamRunner:
         self.finished = False  # worker drained everything after the source ended or stop
         self.progress_at = time.monotonic()  # last time the worker made progress or idled healthily
         self._io_published_at = 0.0
+        self._status_prev = (0, 0.0)  # (bytes, bits) at the previous status line
         self._queue_dropped_seen = 0
         self._threads: list[threading.Thread] = []
 
@@ -98,6 +99,25 @@ class StreamRunner:
         self.publish_io_metrics(force=True)
         self.log.info("stream_stopped", dropped_bytes=self.queue.dropped_bytes)
 
+    def status(self, elapsed: float) -> dict:
+        """Progress since the previous call: bytes/s, bits/byte, band d, alerts open."""
+        models = list(self.pipeline.models.values())
+        learned = sum(m.learned_here for m in models)
+        bits = sum(m.total_bits for m in models)
+        prev_bytes, prev_bits = self._status_prev
+        self._status_prev = (learned, bits)
+        new = learned - prev_bytes
+        return {
+            "bytes": sum(m.learner.bytes_seen for m in models),
+            "bytes_per_second": round(new / max(elapsed, 1e-9)),
+            "bits_per_byte": round((bits - prev_bits) / new, 3) if new else None,
+            "d": round(max((m.learner.metabolism.d for m in models), default=0.0), 2),
+            "records": sum(m.scorer.records for m in models),
+            "alerts_open": sum(m.scorer.alert_open for m in models),
+            "queued_bytes": self.queue.queued_bytes,
+            "dropped_bytes": self.queue.dropped_bytes,
+        }
+
     def summary(self) -> dict:
         """Totals for ``--json``: bytes learned, records scored, alerts, drops."""
         models = self.pipeline.models.values()
@@ -106,6 +126,7 @@ class StreamRunner:
             "records": sum(m.scorer.records for m in models),
             "alerts": sum(m.scorer.alerts_total for m in models),
             "dropped_bytes": self.queue.dropped_bytes + self.pipeline.unrouted_bytes,
+            "bits_per_byte": sum(m.total_bits for m in models) / max(1, sum(m.learned_here for m in models)),
             "checkpoint_ids": [m.checkpoint_id for m in models],
         }
 
@@ -170,7 +191,7 @@ class StreamRunner:
 
 
 class Daemon:
-    def __init__(self, config, metrics=None, notifier=None, config_path: str | Path | None = None):
+    def __init__(self, config, metrics=None, notifier=None, config_path: str | Path | None = None, status_every: float = 60.0):
         from .metrics import Metrics  # imported here: the embedded run does not need it
 
         self.config = config
@@ -186,6 +207,9 @@ class Daemon:
         self._signals = 0
         self.http = None
         self.summary: dict = {}
+        self.status_every = status_every  # seconds between status log lines (0: none)
+        self._status_at = time.monotonic()
+        self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ signals
 
@@ -217,6 +241,7 @@ class Daemon:
                     break
                 if self.notifier:
                     self.notifier.tick(self.status_line(), progressing=self._progressing())
+                self._log_status()
         finally:
             self.shutdown()
         return 0
@@ -234,13 +259,23 @@ class Daemon:
     def shutdown(self) -> None:
         if self.notifier:
             self.notifier.stopping()
+        self._log_status(force=True)
         self.log.info("stopping", streams=len(self.runners))
         runners = list(self.runners.values())
         budget = self.config.shutdown_timeout
         deadline = time.monotonic() + budget
         for runner in runners:
             runner.stop(timeout=max(0.5, deadline - time.monotonic()))
-        self.summary = {"streams": {r.cfg.name: r.summary() for r in runners}}
+        streams = {r.cfg.name: r.summary() for r in runners}
+        total = sum(v["bytes"] for v in streams.values())
+        self.summary = {
+            "bytes": total,
+            "records": sum(v["records"] for v in streams.values()),
+            "alerts": sum(v["alerts"] for v in streams.values()),
+            "bits_per_byte": sum(v["bits_per_byte"] * v["bytes"] for v in streams.values()) / max(1, total),
+            "seconds": time.monotonic() - self._started_at,
+            "streams": streams,
+        }
         self.runners.clear()
         if self.http is not None:
             self.http.stop()
@@ -386,6 +421,15 @@ class Daemon:
             for name, runner in self.runners.items()
         }
 
+    def _log_status(self, force: bool = False) -> None:
+        """One line per stream every ``status_every`` seconds: what it learned since the last."""
+        now = time.monotonic()
+        if not self.status_every or (now - self._status_at < self.status_every and not force):
+            return
+        elapsed, self._status_at = now - self._status_at, now
+        for runner in self.runners.values():
+            self.log.info("status", stream=runner.cfg.name, **runner.status(elapsed))
+
     def status_line(self) -> str:
         parts = []
         for name, runner in self.runners.items():
@@ -396,21 +440,29 @@ class Daemon:
 
 def run_config_file(path: str, seconds: float | None = None, summary_json: bool = False) -> int:
     """``somad run --config FILE``: 0 after a clean stop, 1 when the config or start fails."""
-    import json
     import sys
 
-    from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
-    from .logs import configure_logging
-    from .notify import SystemdNotifier
 
     try:
         config = load_config(path)
     except ConfigError as err:
         print(f"somad: {err}", file=sys.stderr)
         return 1
+    return serve(config, config_path=path, seconds=seconds, summary_json=summary_json)
+
+
+def serve(config, config_path=None, seconds: float | None = None, summary_json: bool = False, status_every: float = 60.0) -> int:
+    """Run ``config`` in this process until a signal, ``seconds``, or every source ended."""
+    import json
+    import sys
+
+    from .checkpoint import CheckpointError
+    from .logs import configure_logging
+    from .notify import SystemdNotifier
+
     configure_logging(config.log.level, config.log.format)
-    daemon = Daemon(config, notifier=SystemdNotifier(), config_path=path)
+    daemon = Daemon(config, notifier=SystemdNotifier(), config_path=config_path, status_every=status_every)
     daemon.install_signal_handlers()
     if seconds:
         timer = threading.Timer(seconds, daemon.request_stop)

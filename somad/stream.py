@@ -74,6 +74,8 @@ class Model:
     snapshot_at: float = field(default_factory=time.monotonic)
     checkpoint_id: str = ""
     series: object = None  # the model's metrics.StreamMetrics
+    total_bits: float = 0.0  # loss of every byte this process scored (for status lines)
+    learned_here: int = 0  # bytes this process fed the learner
 
 
 class StreamPipeline:
@@ -176,6 +178,8 @@ class StreamPipeline:
         else:
             bits = model.learner.score(data)
         bits_np = bits.numpy().astype(np.float64)
+        model.total_bits += float(bits_np.sum())
+        model.learned_here += len(data)
         records = model.framer.push(data, bits_np, chunk.is_record)
         now = self.clock()
         band_power = model.learner.metabolism.band_power.numpy()

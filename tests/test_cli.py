@@ -40,12 +40,19 @@ def test_bad_arguments_exit_2_with_message(args):
     assert "Traceback" not in out.stderr
 
 
-def test_run_embedded_default_learns_and_reports():
-    out = somad("run", "--seconds", "8", "--fast", "--preset", "tiny", "--json")
+def test_run_embedded_default_learns_reports_and_resumes(tmp_path):
+    args = ("run", "--seconds", "6", "--fast", "--preset", "tiny", "--json", "--state-dir", str(tmp_path))
+    out = somad(*args)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["bytes"] > 10_000
     assert summary["records"] > 1_000
     # A learned periodic signal costs far less than 8 bits per byte.
     assert 0 < summary["bits_per_byte"] < 5
-    assert "status bytes=" in out.stderr
+    events = [json.loads(line)["event"] for line in out.stderr.splitlines() if line.startswith("{")]
+    assert "ready" in events and "status" in events and "stopped" in events, out.stderr[-3000:]
+    assert list(tmp_path.glob("sensor/*.pt")), "no checkpoint after a clean stop"
+    second = somad(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(second.stdout)
+    assert again["bytes"] > summary["bytes"]  # learning survived the restart
