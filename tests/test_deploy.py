@@ -1,7 +1,8 @@
 """Deployment files, each checked with the real tool: systemd units (``systemd-analyze verify`` and
 ``security``), the installer (shellcheck, run end to end into a fake root), Prometheus rules
 (``promtool check`` / ``test rules``), the Grafana dashboard and the launchd plist (every metric
-they name is one the daemon exports, read from ``somad.metrics``'s registry).
+they name is one the daemon exports, read from ``somad.metrics``'s registry), and a real
+Prometheus scraping a real ``somad run --config`` whose simulated sensor has an injected fault.
 
 A tool that is not installed skips its test with the apt package to install; nothing else skips.
 """
@@ -25,8 +26,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from adapters.base import SourceStatus
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -181,6 +180,7 @@ def test_unit_settings(unit, config, state):
         assert settings.get(key) == values, f"{unit}: {key}"
     assert not [key for key in FORBIDDEN if key in settings], unit
     assert settings["Service.ExecStart"] == [f"{EXEC_START} run --config {config}"]
+    assert settings["Service.ExecStartPre"] == [f"{EXEC_START} check --config {config}"]
     assert settings["Service.StateDirectory"] == [state]
     assert settings["Service.WorkingDirectory"] == [f"%S/{state}"]
     watchdog = settings["Service.WatchdogSec"][0]
@@ -203,6 +203,7 @@ def test_template_differs_from_the_service_only_in_its_instance():
     instance_keys = {
         "Unit.Description",
         "Service.ExecStart",
+        "Service.ExecStartPre",
         "Service.StateDirectory",
         "Service.WorkingDirectory",
     }
@@ -234,6 +235,17 @@ def test_security_exposure_is_at_most_3_and_as_the_readme_says(systemd_root):
         assert claimed and float(claimed.group(1)) == exposure, (
             f"systemd/README.md must report {unit}: {exposure}"
         )
+
+
+def test_a_config_without_state_dir_uses_systemds_state_directory():
+    """``StateDirectory=`` (and the launchd plist) pass ``$STATE_DIRECTORY``: the one writable place."""
+    from somad.config import parse_config
+
+    text = "streams: [{name: uart0, source: {type: stdin}}]\n"
+    assert parse_config(text, environ={"STATE_DIRECTORY": "/var/lib/somad/pump1"}).state_dir == "/var/lib/somad/pump1"
+    assert parse_config(text, environ={"STATE_DIRECTORY": "/var/lib/somad:/var/lib/x"}).state_dir == "/var/lib/somad"
+    assert parse_config(text, environ={}).state_dir == "/var/lib/somad"
+    assert parse_config("state_dir: /srv/somad\n" + text, environ={"STATE_DIRECTORY": "/x"}).state_dir == "/srv/somad"
 
 
 # ============================================================================ Prometheus rules
@@ -541,8 +553,8 @@ def tree(root: Path) -> dict[str, tuple]:
 
 
 def readme_install_commands() -> list[str]:
-    """The installer commands deploy/README.md shows, without ``sudo``."""
-    text = (DEPLOY / "README.md").read_text()
+    """The installer commands deploy/README.md and the top-level README show, without ``sudo``."""
+    text = (DEPLOY / "README.md").read_text() + (REPO / "README.md").read_text()
     return [
         line.split("#")[0].strip().removeprefix("sudo ")
         for line in text.splitlines()
@@ -634,6 +646,9 @@ def test_install_sh_end_to_end_in_a_fake_root(tmp_path, wheelhouse):
     assert where.startswith(str(venv))  # not the checkout's copy
     version = run(venv / "bin/somad", "--version", env=env, cwd=tmp_path).stdout
     assert version.strip() == "somad 0.1.0"
+    # The README's next step: the installed somad checks the installed config.
+    check = run(venv / "bin/somad", "check", "--config", config, env=env, cwd=tmp_path).stdout
+    assert "valid, 1 stream(s): uart0" in check, check
 
     # --- idempotent: the same command again changes nothing; an edited config is kept
     before = tree(root)
@@ -760,84 +775,112 @@ def firing(port: int, alertname: str) -> list[dict]:
     ]
 
 
-def test_a_real_prometheus_scrapes_somad_and_fires_the_anomaly_rule(tmp_path):
-    """Debian's Prometheus, started here on loopback, scrapes somad's /metrics server (the
-    daemon's registry and HTTP server, driven as the pipeline drives them) with the real rules
-    file: it finds the stream's series, and SomadStreamAnomaly fires when an alert opens and
-    clears when it closes."""
-    binary = tool("prometheus", "prometheus")
-    from somad.http import MetricsServer
-    from somad.metrics import Metrics
+SIMULATED_FAULT = """\
+state_dir: "{state}"
+metrics: {{listen: "127.0.0.1:0"}}
+log: {{level: info, format: json}}
+shutdown_timeout: 5
+streams:
+  - name: sensor
+    source:
+      type: simulate
+      rate: 200
+      # At line 1500 (7.5 s in) the reading drops by ten amplitudes and stays there for 300
+      # lines: negative values, a '-' the model has never seen.
+      faults: [{{kind: shift, at_line: 1500, length: 300, magnitude: -10.0}}]
+    model: {{preset: tiny}}
+    scoring: {{grace_period: 300}}
+    # Three surprising records in a row open the alert; frozen learning keeps it open
+    # through the fault, so Prometheus (scraping every second) cannot miss it.
+    alerts: {{threshold: 0.99, n_of_m: [3, 3], learn_while_open: frozen}}
+    snapshot: {{every_seconds: 3600}}
+    sinks:
+      - {{type: jsonl, path: "{alerts}", events: alerts, flush_seconds: 0}}
+"""
 
-    metrics = Metrics()
-    uart0 = metrics.stream("uart0")
-    uart0.set_source(SourceStatus(connected=True))
-    uart0.observe_batch(bytes=1200, records=100, bits=[2.0] * 1200, anomaly=0.2)
-    server = MetricsServer(
-        "127.0.0.1:0", metrics.registry, health=lambda: {"uart0": {"alive": True}}
-    )
-    server.start()
+
+def start_prometheus(binary: str, tmp_path: Path, target: str) -> tuple[subprocess.Popen, int]:
+    """Debian's Prometheus on a free loopback port (returned with it), scraping ``target`` every
+    second with the real rules file."""
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"rule_files: [{json.dumps(str(PROMETHEUS / 'somad.rules.yml'))}]\n"
-        f"scrape_configs: [{{job_name: somad, static_configs: [{{targets: ['{server.address}']}}]}}]\n"
+        f"scrape_configs: [{{job_name: somad, static_configs: [{{targets: ['{target}']}}]}}]\n"
     )
     log = (tmp_path / "prometheus.log").open("w")
     prom = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    log.close()  # the child has its own copy
+    return prom, port
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def test_a_real_prometheus_scrapes_a_running_somad_and_fires_the_anomaly_rule(tmp_path):
+    """``somad run --config`` (a simulated sensor with an injected fault) scraped by a real
+    Prometheus loaded with the real rules: the stream's anomaly score and byte counters are
+    found through Prometheus's HTTP API, and SomadStreamAnomaly fires for the fault."""
+    from tests.test_notify_daemon import Somad
+
+    binary = tool("prometheus", "prometheus")
+    alerts = tmp_path / "alerts.jsonl"
+    config = tmp_path / "somad.yaml"
+    config.write_text(SIMULATED_FAULT.format(state=tmp_path / "state", alerts=alerts))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NOTIFY_SOCKET", None)
+    somad = Somad(config, env, tmp_path / "somad.log")
+    prom = None
+    try:
+        target = somad.wait_event("metrics_listening", timeout=120)["address"]
+        prom, port = start_prometheus(binary, tmp_path, target)
         wait_for(
             "Prometheus to be ready",
-            lambda: (
-                prom.poll() is None
-                and urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/-/ready", timeout=2
-                ).status
-                == 200
-            ),
+            lambda: prom.poll() is None and urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200,
+            timeout=60,
         )
 
         def series(query: str) -> dict:
-            result = prometheus_api(port, "/api/v1/query", query=query)["data"][
-                "result"
-            ]
+            result = prometheus_api(port, "/api/v1/query", query=query)["data"]["result"]
             return {r["metric"].get("stream", ""): float(r["value"][1]) for r in result}
 
-        assert wait_for(
-            "somad's byte counter", lambda: series('somad_bytes_total{job="somad"}')
-        ) == {"uart0": 1200.0}
-        assert series("somad_anomaly_score") == {"uart0": 0.2}
-        assert series("somad_records_total") == {"uart0": 100.0}
-        assert firing(port, "SomadStreamAnomaly") == []
+        def grows(query: str):
+            first = wait_for(f"{query} above 0", lambda: series(query).get("sensor", 0) > 0 and series(query), timeout=60)
+            return wait_for(f"{query} to grow", lambda: series(query)["sensor"] > first["sensor"], timeout=30)
 
-        uart0.observe_batch(
-            bytes=12, records=1, bits=[9.0] * 12, anomaly=0.999
-        )  # the injected fault
-        uart0.alert_opened()
-        alert = wait_for(
-            "SomadStreamAnomaly to fire", lambda: firing(port, "SomadStreamAnomaly")
-        )[0]
-        assert (
-            alert["labels"]["stream"] == "uart0"
-            and alert["labels"]["severity"] == "warning"
-        )
-        assert "latest anomaly score 0.999" in alert["annotations"]["description"]
+        grows('somad_bytes_total{job="somad"}')
+        grows('somad_records_total{job="somad"}')
+        assert 0.0 <= series("somad_anomaly_score")["sensor"] <= 1.0
+        assert series("somad_source_connected") == {"sensor": 1.0}
+        assert series('up{job="somad"}') == {"": 1.0}
 
-        uart0.alert_closed()
-        wait_for(
-            "SomadStreamAnomaly to clear",
-            lambda: not firing(port, "SomadStreamAnomaly"),
-        )
+        alert = wait_for("SomadStreamAnomaly to fire", lambda: firing(port, "SomadStreamAnomaly"), timeout=90)[0]
+        assert alert["labels"]["stream"] == "sensor" and alert["labels"]["severity"] == "warning"
+        score = re.search(r"latest anomaly score (\d\.\d{3})", alert["annotations"]["description"])
+        assert score and float(score.group(1)) >= 0.9, alert["annotations"]
+
+        # It fired for the injected fault: the alert the stream opened is on a faulty reading.
+        opened = wait_for("the alert event", lambda: [e for e in score_events(alerts) if e["event"] == "alert_open"])
+        on_fault = [e for e in opened if ",-" in e["record"]]
+        assert on_fault and on_fault[0]["timescales"], opened
     finally:
-        prom.terminate()
-        try:
-            prom.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait(timeout=5)
-        log.close()
-        server.stop()
+        if prom is not None:
+            stop_process(prom)
+        code = somad.stop()
+    assert code == 0, somad.log_tail()
+
+
+def score_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
