@@ -49,6 +49,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import hashlib
 import importlib
 import math
 import os
@@ -67,6 +68,7 @@ import yaml
 
 if TYPE_CHECKING:  # imported lazily at run time: a missing module is a config error, not an ImportError
     from adapters.mqtt_common import MqttConnectionOptions
+
     from .framing import FramingConfig
     from .learner import LearnerConfig
     from .metabolism import MetabolismConfig
@@ -404,7 +406,7 @@ class StreamConfig:
 @dataclass(frozen=True, kw_only=True)
 class Config:
     device: str = field(default_factory=default_device)  # {device} in MQTT topics; defaults to the host name
-    state_dir: str = "/var/lib/somad"  # checkpoints, offsets, accepted remote config
+    state_dir: str = "/var/lib/somad"  # checkpoints, offsets, accepted remote config; unset: $STATE_DIRECTORY if set
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_timeout: float = 10.0  # seconds to drain and snapshot on SIGTERM before giving up
@@ -457,6 +459,15 @@ def diff_streams(old: Config, new: Config) -> StreamChanges:
         changed=tuple(n for n in after if n in before and after[n] != before[n]),
         unchanged=tuple(n for n in after if n in before and after[n] == before[n]),
     )
+
+
+def config_version(text: str) -> str:
+    """The version of a config document: the first 16 hex digits of its SHA-256.
+
+    >>> config_version("a")
+    'ca978112ca1bbdca'
+    """
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- where section classes come from
@@ -1414,6 +1425,10 @@ def _build_config(data: Any, ctx: _Context) -> Any:
     ctx.device = str(device) if isinstance(device, str) and NAME_PATTERN.fullmatch(device) else fallback
     if "device" not in data and ctx.fallback_device:
         data = {"device": ctx.fallback_device, **data}
+    if data.get("state_dir") is None and ctx.environ.get("STATE_DIRECTORY"):
+        # systemd's StateDirectory= (and the launchd plist) name the one writable place: use it
+        # when the config does not say. Several directories come ':'-separated; the first is ours.
+        data = {**data, "state_dir": ctx.environ["STATE_DIRECTORY"].split(":")[0]}
     defaults_typed, defaults_raw = _build_defaults(data.get("defaults"), "defaults", ctx)
     converters = {
         "device": _name_converter("device"),
@@ -1580,6 +1595,7 @@ __all__ = [
     "StreamChanges",
     "StreamConfig",
     "StreamDefaults",
+    "config_version",
     "default_catalog",
     "diff_streams",
     "dump_config",

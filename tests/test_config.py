@@ -156,7 +156,9 @@ def test_every_example_is_tested():
 def example_env(tmp_path):
     secret = tmp_path / "mqtt.password"
     secret.write_text("s3cret-from-file\n")
-    return {"SOMAD_MQTT_PASSWORD_FILE": str(secret)}
+    hmac_key = tmp_path / "config.hmac"
+    hmac_key.write_text("fleet-hmac-key-from-file\n")
+    return {"SOMAD_MQTT_PASSWORD_FILE": str(secret), "SOMAD_CONFIG_SECRET_FILE": str(hmac_key)}
 
 
 def load_example(name: str, environ: dict) -> Config:
@@ -278,7 +280,7 @@ BAD = [
     ("state_dir: ''\n" + MINIMAL, "state_dir: must not be empty"),
     ("stat_dir: /x\n" + MINIMAL, "stat_dir: unknown key (did you mean 'state_dir'?)"),
     ("1: x\n" + MINIMAL, "keys must be text, got 1"),
-    ("remote: {}\n" + MINIMAL, "remote: needs mqtt_host or url"),
+    ("remote: {}\n" + MINIMAL, "remote: needs mqtt or url"),
     ("remote: {url: 'ftp://x'}\n" + MINIMAL, "remote.url: must start with http:// or https://, got 'ftp://x'"),
     ("defaults: {model: {lr: -1}}\n" + MINIMAL, "defaults.model.lr: must be in (0, 10], got -1.0"),
     ("defaults: {framing: {type: lines}}\n" + MINIMAL, "defaults.framing: unknown key; known here: model, metabolism"),

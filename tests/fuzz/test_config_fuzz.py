@@ -23,7 +23,7 @@ from tests.test_config import CATALOG
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {p.name: p.read_text() for p in sorted((ROOT / "configs").glob("*.yaml"))}
-ENVIRON = {"SOMAD_MQTT_PASSWORD_FILE": "/etc/hostname", "HOME": "/root", "EMPTY": "", "PORT": "1883"}
+ENVIRON = {"SOMAD_MQTT_PASSWORD_FILE": "/etc/hostname", "SOMAD_CONFIG_SECRET_FILE": "/etc/hostname", "HOME": "/root", "EMPTY": "", "PORT": "1883"}
 
 # SOMAD_FUZZ_EXAMPLES=5000 for a deeper run on demand; the default keeps the suite fast.
 FUZZ = settings(max_examples=int(os.environ.get("SOMAD_FUZZ_EXAMPLES", "150")), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
