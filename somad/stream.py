@@ -60,6 +60,25 @@ def safe_name(key: str) -> str:
     return clean or "_"
 
 
+DIVERGED_BITS = 32.0  # mean loss per byte of a chunk beyond which the model has diverged
+
+
+def check_converging(bits: np.ndarray, bytes_seen: int) -> None:
+    """Raise ``NumericalFault`` for a chunk whose mean loss exceeds ``DIVERGED_BITS``: four
+    times what a model that knows nothing pays (8 bits). A too-large learning step blows the
+    weights up into losses of hundreds of bits per byte long before any NaN; a sound model,
+    however surprised, is not that confidently wrong on a whole chunk.
+
+    >>> check_converging(np.array([2.0, 40.0, 3.0]), 3)
+    >>> check_converging(np.array([300.0, 250.0]), 2)
+    Traceback (most recent call last):
+    ...
+    somad.learner.NumericalFault: diverged: mean loss 275.0 bits/byte over 2 bytes (after 2 bytes)
+    """
+    if bits.size and float(bits.mean()) > DIVERGED_BITS:
+        raise NumericalFault(f"diverged: mean loss {float(bits.mean()):.1f} bits/byte over {bits.size} bytes (after {bytes_seen} bytes)")
+
+
 @dataclass
 class Model:
     """Everything one learner carries: its state, framing, scorer and snapshot bookkeeping."""
@@ -140,15 +159,29 @@ class StreamPipeline:
             return False
         model.learner = ckpt.learner(self.learner_cfg)
         extra = ckpt.extra or {}
-        if "scorer" in extra:
-            model.scorer.load_state_dict(extra["scorer"])
-        model.offset = extra.get("offset")
+        self._restore_extra(model, extra, ckpt.checkpoint_id)
         model.bytes_at_snapshot = model.learner.bytes_seen
         model.checkpoint_id = ckpt.checkpoint_id
         model.series.learner_restored(model.learner.stats())
         model.series.checkpoint_loaded(ckpt.created_at)
         self.log.info("resumed", model=model.name, checkpoint=ckpt.checkpoint_id[:12], bytes_seen=model.learner.bytes_seen, offset=model.offset)
         return True
+
+    def _restore_extra(self, model: Model, extra: dict, checkpoint_id: str) -> None:
+        """Scorer statistics and file offset saved beside the model. The model itself has been
+        verified; if these are unusable (another version's layout, or a tampered file that kept
+        a valid id) they are logged and left out, so the stream runs instead of failing to
+        start: the scorer starts over (a new grace period), the source from its ``start``."""
+        if "scorer" in extra:
+            try:
+                model.scorer.load_state_dict(extra["scorer"])
+            except ValueError as err:
+                self.log.error("scorer_state_refused", model=model.name, checkpoint=checkpoint_id[:12], error=str(err))
+        offset = extra.get("offset")
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+            self.log.error("offset_refused", model=model.name, checkpoint=checkpoint_id[:12], offset=repr(offset)[:40])
+            offset = None
+        model.offset = offset
 
     def saved_offset(self) -> int | None:
         """The source position to resume from (single-model streams only)."""
@@ -178,6 +211,7 @@ class StreamPipeline:
         else:
             bits = model.learner.score(data)
         bits_np = bits.numpy().astype(np.float64)
+        check_converging(bits_np, model.learner.bytes_seen)
         model.total_bits += float(bits_np.sum())
         model.learned_here += len(data)
         records = model.framer.push(data, bits_np, chunk.is_record)
@@ -218,7 +252,7 @@ class StreamPipeline:
             sink.send(event)
 
     def _roll_back(self, model: Model, err: Exception) -> None:
-        """A NaN/Inf: return to the last good checkpoint (or a fresh model) and count it."""
+        """A NaN/Inf or a diverged step: return to the last good checkpoint (or a fresh model) and count it."""
         self.rollbacks += 1
         restored = self._restore(model)
         model.series.numerical_fault(rolled_back=restored)
@@ -245,6 +279,13 @@ class StreamPipeline:
                 self._snapshot_model(model)
 
     def _snapshot_model(self, model: Model) -> None:
+        try:
+            # A NaN in weights no loss reads (the rows of a byte value not seen yet) is found
+            # here at the latest: roll back rather than fail every snapshot from now on.
+            model.learner.check_finite()
+        except NumericalFault as err:
+            self._roll_back(model, err)
+            return
         started = time.monotonic()
         extra = {"scorer": model.scorer.state_dict(), "offset": model.offset, "stream": model.name}
         try:
