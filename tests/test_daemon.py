@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, replace
@@ -17,10 +16,7 @@ from somad.checkpoint import CheckpointStore
 from somad.config import SourceConfig, parse_config
 from somad.daemon import Daemon
 from somad.metrics import Metrics
-
-
-def lines(start: int, n: int) -> bytes:
-    return b"".join(f"{i % 97},{(i * 7) % 13}.{i % 10}\n".encode() for i in range(start, start + n))
+from tests.support import DaemonThread, csv_lines, learned_bytes, wait_for
 
 
 def config_text(tmp_path: Path, streams: str, **top) -> str:
@@ -45,35 +41,8 @@ def file_stream(tmp_path: Path, name: str = "log") -> str:
 """
 
 
-class Running:
-    """A daemon on a background thread, stopped (and joined) by the context manager."""
-
-    def __init__(self, config, metrics=None):
-        self.daemon = Daemon(config, metrics=metrics)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.rc = None
-
-    def _run(self):
-        self.rc = self.daemon.run()
-
-    def __enter__(self):
-        self.thread.start()
-        return self.daemon
-
-    def __exit__(self, *exc):
-        self.daemon.request_stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "daemon did not stop"
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def running(config, metrics=None) -> DaemonThread:
+    return DaemonThread(Daemon(config, metrics=metrics))
 
 
 def score_events(path: Path) -> list[dict]:
@@ -82,17 +51,12 @@ def score_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def learned_bytes(daemon: Daemon, name: str) -> int:
-    runner = daemon.runners.get(name)
-    return sum(m.learner.bytes_seen for m in runner.pipeline.models.values()) if runner else 0
-
-
 def test_file_stream_scores_every_record_and_resumes_without_skip_or_repeat(tmp_path):
     data = tmp_path / "log.csv"
-    data.write_bytes(lines(0, 1500))
+    data.write_bytes(csv_lines(0, 1500))
     cfg = parse_config(config_text(tmp_path, file_stream(tmp_path)))
     scores = tmp_path / "log-scores.jsonl"
-    with Running(cfg) as daemon:
+    with running(cfg) as daemon:
         wait_for(lambda: learned_bytes(daemon, "log") == data.stat().st_size, what="first pass")
     first = [e for e in score_events(scores) if e["event"] == "score"]
     assert len(first) == 1500
@@ -101,8 +65,8 @@ def test_file_stream_scores_every_record_and_resumes_without_skip_or_repeat(tmp_
     assert list(store_dir.glob("*.pt")), "shutdown left no checkpoint"
 
     with data.open("ab") as f:  # the file grew while the daemon was down
-        f.write(lines(1500, 400))
-    with Running(parse_config(config_text(tmp_path, file_stream(tmp_path)))) as daemon:
+        f.write(csv_lines(1500, 400))
+    with running(parse_config(config_text(tmp_path, file_stream(tmp_path)))) as daemon:
         wait_for(lambda: learned_bytes(daemon, "log") == data.stat().st_size, what="resume")
         time.sleep(0.3)  # nothing more may arrive
         assert learned_bytes(daemon, "log") == data.stat().st_size
@@ -112,9 +76,9 @@ def test_file_stream_scores_every_record_and_resumes_without_skip_or_repeat(tmp_
 
 
 def test_metrics_and_health_are_served_while_running(tmp_path):
-    (tmp_path / "log.csv").write_bytes(lines(0, 300))
+    (tmp_path / "log.csv").write_bytes(csv_lines(0, 300))
     cfg = parse_config(config_text(tmp_path, file_stream(tmp_path)))
-    with Running(cfg) as daemon:
+    with running(cfg) as daemon:
         wait_for(lambda: learned_bytes(daemon, "log") > 0, what="learning")
         wait_for(lambda: daemon.http is not None and daemon.http.port, what="metrics server")
         health = json.loads(urllib.request.urlopen(daemon.http.url("/healthz"), timeout=5).read())
@@ -153,12 +117,12 @@ def test_a_failing_stream_is_restarted_and_does_not_stop_the_others(tmp_path, mo
     monkeypatch.setitem(adapters.registry.SOURCES, "boom", f"{__name__}:BoomSource")
     BoomSource.starts = 0
     data = tmp_path / "log.csv"
-    data.write_bytes(lines(0, 800))
+    data.write_bytes(csv_lines(0, 800))
     cfg = parse_config(config_text(tmp_path, file_stream(tmp_path) + file_stream(tmp_path, "other")))
     boom = replace(cfg.streams[1], source=SourceConfig("boom", BoomOptions()))
     cfg = replace(cfg, streams=(cfg.streams[0], boom))
     metrics = Metrics()
-    with Running(cfg, metrics=metrics) as daemon:
+    with running(cfg, metrics=metrics) as daemon:
         wait_for(lambda: learned_bytes(daemon, "log") == data.stat().st_size, what="healthy stream")
         wait_for(lambda: BoomSource.starts >= 2, timeout=30, what="restart of the failed stream")
         assert daemon.runners["log"].alive
@@ -179,7 +143,7 @@ class FloodSource(Source):
 
     def start(self):
         self.produced = 0
-        self._block = lines(0, self.options.chunk_bytes // 8)[: self.options.chunk_bytes]
+        self._block = csv_lines(0, self.options.chunk_bytes // 8)[: self.options.chunk_bytes]
 
     def read(self, timeout):
         self.produced += len(self._block)
@@ -195,7 +159,7 @@ def test_a_source_faster_than_the_learner_drops_oldest_and_counts_every_byte(tmp
     flood = replace(cfg.streams[0], source=SourceConfig("flood", FloodOptions()), queue=replace(cfg.streams[0].queue, max_bytes=65536, policy="drop_oldest"))
     cfg = replace(cfg, streams=(flood,))
     metrics = Metrics()
-    with Running(cfg, metrics=metrics) as daemon:
+    with running(cfg, metrics=metrics) as daemon:
         runner = wait_for(lambda: daemon.runners.get("log"), what="runner")
         wait_for(lambda: runner.queue.dropped_bytes > 0, what="drops")
         time.sleep(1.0)
@@ -212,7 +176,7 @@ def test_split_by_key_keeps_one_model_and_checkpoint_set_per_key(tmp_path, monke
     cfg = parse_config(config_text(tmp_path, file_stream(tmp_path)))
     keyed = replace(cfg.streams[0], source=SourceConfig("keyed", KeyedOptions()), split_by_key=True, max_substreams=2)
     cfg = replace(cfg, streams=(keyed,))
-    with Running(cfg) as daemon:
+    with running(cfg) as daemon:
         runner = wait_for(lambda: daemon.runners.get("log"), what="runner")
         wait_for(lambda: runner.pipeline.unrouted_bytes > 0, what="a third key refused")
         assert sorted(m.name for m in runner.pipeline.models.values()) == ["log/a/x", "log/c"]
@@ -245,9 +209,9 @@ class KeyedSource(Source):
 @pytest.mark.parametrize("policy", ["fresh", "exit"])
 def test_a_corrupt_checkpoint_is_refused_and_never_loaded(tmp_path, policy):
     data = tmp_path / "log.csv"
-    data.write_bytes(lines(0, 200))
+    data.write_bytes(csv_lines(0, 200))
     text = config_text(tmp_path, file_stream(tmp_path), on_bad_checkpoint=policy)
-    with Running(parse_config(text)) as daemon:
+    with running(parse_config(text)) as daemon:
         wait_for(lambda: learned_bytes(daemon, "log") == data.stat().st_size, what="first pass")
     (good,) = (tmp_path / "state" / "log").glob("*.pt")
     bad = good.with_name(good.name.replace("-00000001-", "-00000002-"))
@@ -257,7 +221,7 @@ def test_a_corrupt_checkpoint_is_refused_and_never_loaded(tmp_path, policy):
         with pytest.raises(Exception, match="unusable checkpoint"):
             daemon.run()
         return
-    with Running(parse_config(text)) as daemon:
+    with running(parse_config(text)) as daemon:
         runner = wait_for(lambda: daemon.runners.get("log"), what="runner")
         model = runner.pipeline.models[""]
         assert model.learner.bytes_seen == data.stat().st_size  # resumed from the older good one
@@ -266,9 +230,9 @@ def test_a_corrupt_checkpoint_is_refused_and_never_loaded(tmp_path, policy):
 
 
 def test_store_layout_names_the_architecture(tmp_path):
-    (tmp_path / "log.csv").write_bytes(lines(0, 50))
+    (tmp_path / "log.csv").write_bytes(csv_lines(0, 50))
     cfg = parse_config(config_text(tmp_path, file_stream(tmp_path)))
-    with Running(cfg) as daemon:
+    with running(cfg) as daemon:
         wait_for(lambda: learned_bytes(daemon, "log") > 0, what="learning")
     names = [p.name for p in (tmp_path / "state" / "log").glob("*.pt")]
     assert names and all(n.startswith("k16-h32-") for n in names)

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from somad.config import parse_config
 from somad.daemon import Daemon
 from somad.metrics import Metrics
 from somad.notify import SystemdNotifier
+from tests.support import DaemonThread, learned_bytes, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SOMAD = ROOT / ".venv" / "bin" / "somad"
@@ -39,6 +39,12 @@ SOMAD = ROOT / ".venv" / "bin" / "somad"
 
 def lines(start: int, n: int) -> bytes:
     return b"".join(f"{i % 89},{(i * 5) % 11}.{i % 7}\n".encode() for i in range(start, start + n))
+
+
+def running(config_file: Path, metrics: Metrics | None = None, notifier=None) -> DaemonThread:
+    """The daemon as ``somad run --config`` builds it (so that SIGHUP-style reloads re-read the file)."""
+    config = parse_config(config_file.read_text(), str(config_file))
+    return DaemonThread(Daemon(config, metrics=metrics or Metrics(), notifier=notifier, config_path=config_file))
 
 
 def stream_yaml(tmp_path: Path, name: str, extra: str = "") -> str:
@@ -58,39 +64,6 @@ shutdown_timeout: 20
   snapshot: {{every_seconds: 3600}}
 streams:
 {''.join(streams)}"""
-
-
-class Running:
-    """A daemon on a background thread (its main loop, as ``somad run`` has it), stopped by the context manager."""
-
-    def __init__(self, config_file: Path, metrics: Metrics | None = None, notifier=None):
-        config = parse_config(config_file.read_text(), str(config_file))
-        self.daemon = Daemon(config, metrics=metrics or Metrics(), notifier=notifier, config_path=config_file)
-        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
-
-    def __enter__(self) -> Daemon:
-        self.thread.start()
-        return self.daemon
-
-    def __exit__(self, *exc):
-        self.daemon.request_stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "daemon did not stop"
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def learned(daemon: Daemon, name: str) -> int:
-    runner = daemon.runners.get(name)
-    return sum(m.learner.bytes_seen for m in list(runner.pipeline.models.values())) if runner else -1
 
 
 def sample(metrics: Metrics, name: str, stream: str | None = None) -> float | None:
@@ -122,9 +95,9 @@ def test_only_changed_streams_restart_and_they_resume_from_their_checkpoint(tmp_
     config = tmp_path / "somad.yaml"
     config.write_text(config_yaml(tmp_path, stream_yaml(tmp_path, "a"), stream_yaml(tmp_path, "b")))
     metrics = Metrics()
-    with Running(config, metrics) as daemon:
+    with running(config, metrics) as daemon:
         size = (tmp_path / "a.csv").stat().st_size
-        wait_for(lambda: learned(daemon, "a") == size and learned(daemon, "b") == size, what="both streams learned")
+        wait_for(lambda: learned_bytes(daemon, "a") == size and learned_bytes(daemon, "b") == size, what="both streams learned")
         a, b = daemon.runners["a"], daemon.runners["b"]
         a_model, a_learner, a_source = a.pipeline.models[""], a.pipeline.models[""].learner, a.source
         a_counted = wait_for(lambda: sample(metrics, "somad_bytes_total", "a") == size and size, what="a counted")
@@ -150,7 +123,7 @@ def test_only_changed_streams_restart_and_they_resume_from_their_checkpoint(tmp_
         with (tmp_path / "b.csv").open("ab") as f:
             f.write(lines(400, 100))
         grown = (tmp_path / "a.csv").stat().st_size
-        wait_for(lambda: learned(daemon, "a") == grown and learned(daemon, "b") == grown, what="both streams learned the new lines")
+        wait_for(lambda: learned_bytes(daemon, "a") == grown and learned_bytes(daemon, "b") == grown, what="both streams learned the new lines")
         assert a_model.learner is a_learner
         # counters went on, not reset; and the restarted stream counted nothing twice
         wait_for(lambda: [sample(metrics, "somad_bytes_total", s) for s in "ab"] == [grown, grown], what="byte counters")
@@ -191,8 +164,8 @@ def test_added_and_removed_streams_start_and_stop_and_removed_series_go(tmp_path
     config = tmp_path / "somad.yaml"
     config.write_text(config_yaml(tmp_path, stream_yaml(tmp_path, "a"), keyed))
     metrics = Metrics()
-    with Running(config, metrics) as daemon:
-        wait_for(lambda: learned(daemon, "a") == (tmp_path / "a.csv").stat().st_size, what="a learned")
+    with running(config, metrics) as daemon:
+        wait_for(lambda: learned_bytes(daemon, "a") == (tmp_path / "a.csv").stat().st_size, what="a learned")
         wait_for(lambda: sample(metrics, "somad_bytes_total", "b/k1") and sample(metrics, "somad_bytes_total", "b/k2"), what="b's sub-streams")
         a = daemon.runners["a"]
 
@@ -200,7 +173,7 @@ def test_added_and_removed_streams_start_and_stop_and_removed_series_go(tmp_path
         reload_and_wait(daemon, metrics, 1)
 
         assert sorted(daemon.runners) == ["a", "c"] and daemon.runners["a"] is a
-        wait_for(lambda: learned(daemon, "c") == (tmp_path / "c.csv").stat().st_size, what="c learned")
+        wait_for(lambda: learned_bytes(daemon, "c") == (tmp_path / "c.csv").stat().st_size, what="c learned")
         for series in ("b", "b/k1", "b/k2"):
             assert sample(metrics, "somad_bytes_total", series) is None, f"{series} still exported"
         assert "b" not in metrics.stream_names()
@@ -237,8 +210,8 @@ def test_a_bad_reload_keeps_the_running_config_counts_and_says_why(tmp_path, cas
     metrics = Metrics()
     blocker = taken_port()
     try:
-        with Running(config, metrics) as daemon:
-            wait_for(lambda: learned(daemon, "a") == (tmp_path / "a.csv").stat().st_size, what="a learned")
+        with running(config, metrics) as daemon:
+            wait_for(lambda: learned_bytes(daemon, "a") == (tmp_path / "a.csv").stat().st_size, what="a learned")
             before, runner, http = daemon.config, daemon.runners["a"], daemon.http
             if edit is None:
                 config.unlink()
@@ -256,7 +229,7 @@ def test_a_bad_reload_keeps_the_running_config_counts_and_says_why(tmp_path, cas
 
             with (tmp_path / "a.csv").open("ab") as f:  # still learning, still exporting
                 f.write(lines(200, 50))
-            wait_for(lambda: learned(daemon, "a") == (tmp_path / "a.csv").stat().st_size, what="a learned after the bad reload")
+            wait_for(lambda: learned_bytes(daemon, "a") == (tmp_path / "a.csv").stat().st_size, what="a learned after the bad reload")
             body = urllib.request.urlopen(daemon.http.url("/metrics"), timeout=10).read().decode()
             assert "somad_config_reload_failures_total 1.0" in body
     finally:
@@ -274,7 +247,7 @@ def test_systemd_hears_ready_again_after_a_rejected_reload(tmp_path):
     listener.settimeout(10)
     try:
         metrics = Metrics()
-        with Running(config, metrics, notifier=SystemdNotifier(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})) as daemon:
+        with running(config, metrics, notifier=SystemdNotifier(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})) as daemon:
             assert listener.recv(4096).startswith(b"READY=1")
             config.write_text("streams: {}\n")
             daemon.request_reload()
@@ -294,8 +267,8 @@ def test_metrics_listener_moves_on_a_good_reload(tmp_path):
     config = tmp_path / "somad.yaml"
     config.write_text(config_yaml(tmp_path, stream_yaml(tmp_path, "a")))
     metrics = Metrics()
-    with Running(config, metrics) as daemon:
-        wait_for(lambda: daemon.http is not None and learned(daemon, "a") > 0, what="start")
+    with running(config, metrics) as daemon:
+        wait_for(lambda: daemon.http is not None and learned_bytes(daemon, "a") > 0, what="start")
         old_url = daemon.http.url("/metrics")
         with socket.socket() as probe:  # a port free now, for the new listener
             probe.bind(("127.0.0.1", 0))
@@ -321,8 +294,8 @@ def test_a_new_architecture_starts_fresh_beside_the_old_checkpoint(tmp_path):
     config = tmp_path / "somad.yaml"
     config.write_text(config_yaml(tmp_path, stream_yaml(tmp_path, "a")))
     metrics = Metrics()
-    with Running(config, metrics) as daemon:
-        wait_for(lambda: learned(daemon, "a") == data.stat().st_size, what="a learned")
+    with running(config, metrics) as daemon:
+        wait_for(lambda: learned_bytes(daemon, "a") == data.stat().st_size, what="a learned")
         config.write_text(config_yaml(tmp_path, stream_yaml(tmp_path, "a", "    model: {hidden_dim: 48}\n")))
         reload_and_wait(daemon, metrics, 1)
         old = digests(tmp_path / "state" / "a")  # written when the old model stopped
@@ -332,7 +305,7 @@ def test_a_new_architecture_starts_fresh_beside_the_old_checkpoint(tmp_path):
         model = daemon.runners["a"].pipeline.models[""]
         assert model.learner.cfg.hidden_dim == 48
         assert model.checkpoint_id == "" and model.offset is None  # fresh: nothing loaded
-        wait_for(lambda: learned(daemon, "a") == data.stat().st_size, what="the new model read the file from its start")
+        wait_for(lambda: learned_bytes(daemon, "a") == data.stat().st_size, what="the new model read the file from its start")
     now = digests(tmp_path / "state" / "a")
     assert {n: d for n, d in now.items() if n in old} == old  # the old checkpoint, byte for byte
     (new_name,) = [n for n in now if n not in old]
@@ -350,8 +323,8 @@ def test_a_changed_file_is_reloaded_when_watch_config_is_on(tmp_path):
     config = tmp_path / "somad.yaml"
     config.write_text(config_yaml(tmp_path, stream_yaml(tmp_path, "a"), top="watch_config: true\n"))
     metrics = Metrics()
-    with Running(config, metrics) as daemon:
-        wait_for(lambda: learned(daemon, "a") > 0, what="a learned")
+    with running(config, metrics) as daemon:
+        wait_for(lambda: learned_bytes(daemon, "a") > 0, what="a learned")
         replacement = tmp_path / "somad.yaml.new"  # as editors and config management do: a new file renamed over
         replacement.write_text(config_yaml(tmp_path, stream_yaml(tmp_path, "a"), stream_yaml(tmp_path, "b"), top="watch_config: true\n"))
         os.replace(replacement, config)

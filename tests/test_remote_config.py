@@ -13,6 +13,7 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -32,6 +33,7 @@ from somad.remote import (
     sign,
 )
 from tests.brokers import wait_until
+from tests.support import DaemonThread
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "0123456789abcdef0123456789abcdef"  # as remote.secret_file holds it (32 hex digits)
@@ -81,7 +83,7 @@ def mqtt_remote(tmp_path: Path, broker) -> str:
     )
 
 
-class Running:
+class Running(DaemonThread):
     """A daemon started as ``somad run --config`` starts it (the accepted remote document
     first, if any), its main loop on a thread; stopped by the context manager."""
 
@@ -89,17 +91,11 @@ class Running:
         local = parse_config(config_file.read_text(), str(config_file))
         config, remote_document = config_in_force(local, persisted_document(local.state_dir))
         self.metrics = Metrics()
-        self.daemon = Daemon(config, metrics=self.metrics, config_path=config_file, remote_document=remote_document)
-        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        super().__init__(Daemon(config, metrics=self.metrics, config_path=config_file, remote_document=remote_document))
 
-    def __enter__(self) -> Running:
-        self.thread.start()
+    def __enter__(self) -> Self:
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc):
-        self.daemon.request_stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "daemon did not stop"
 
     def reloads(self) -> tuple[float, float]:
         get = self.metrics.registry.get_sample_value

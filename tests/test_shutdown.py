@@ -22,6 +22,7 @@ from typing import Self
 import pytest
 
 from somad.checkpoint import CheckpointStore
+from tests.support import csv_lines, wait_for
 
 # The console script beside this interpreter (the venv's), else the module form.
 _SCRIPT = Path(sys.executable).with_name("somad")
@@ -104,20 +105,6 @@ class SomadProcess:
         self.proc.stderr.close()
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def csv_lines(n: int) -> bytes:
-    return b"".join(f"{i % 97},{(i * 7) % 13}.{i % 10}\n".encode() for i in range(n))
-
-
 def write_config(tmp_path: Path, stream: str, shutdown_timeout: float, preset: str = "tiny") -> Path:
     path = tmp_path / "somad.yaml"
     path.write_text(f"""
@@ -146,7 +133,7 @@ def latest_checkpoint(tmp_path: Path, stream: str):
 def backlog_stream(tmp_path: Path, n_lines: int) -> str:
     """A file stream whose whole file is queued at once (block policy, queue larger than the file)."""
     data = tmp_path / "backlog.csv"
-    data.write_bytes(csv_lines(n_lines))
+    data.write_bytes(csv_lines(0, n_lines))
     return f"""  - name: backlog
     source: {{type: file, path: "{data}", start: beginning, poll_interval: 0.05}}
     queue: {{max_bytes: 16777216, policy: block}}"""
