@@ -22,13 +22,14 @@ Addresses (``listen``): ``PORT`` (on 127.0.0.1: nothing is exposed unless asked)
 >>> parse_listen("localhost")
 Traceback (most recent call last):
 ...
-ValueError: listen: expected PORT, HOST:PORT or [IPv6]:PORT, got 'localhost'
+ValueError: listen: expected host:port (e.g. 127.0.0.1:9464 or [::1]:9464), got 'localhost'
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
 import socket
 import stat
@@ -42,6 +43,8 @@ import structlog
 from adapters.base import Chunk, Source
 from adapters.chunk_buffer import ChunkBuffer
 
+from .addresses import parse_listen as parse_address
+
 log = structlog.get_logger("somad.adapters.socket_source")
 
 RECV_BYTES = 65536  # at most this much per recv() call
@@ -50,16 +53,12 @@ DATAGRAMS_PER_WAKE = 256  # then look at the other sockets and at stop() again
 BIND_RETRY_MIN, BIND_RETRY_MAX = 0.5, 30.0  # seconds between attempts to bind a busy address
 
 
-def parse_listen(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``PORT`` | ``HOST:PORT`` | ``[IPv6]:PORT`` -> (host, port). Port 0 asks for a free one."""
-    host, sep, port = str(text).rpartition(":")
-    if not sep:
-        host = default_host
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
-        raise ValueError(f"listen: expected PORT, HOST:PORT or [IPv6]:PORT, got {text!r}")
-    return host, int(port)
+def parse_listen(text: str) -> tuple[str, int]:
+    """The shared listen-address rules (``adapters.addresses``), errors naming the ``listen`` key."""
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise ValueError(f"listen: {exc}") from None
 
 
 def _check_common(opts, key_choices: tuple[str, ...]) -> None:
@@ -324,6 +323,8 @@ class _StreamSource(_SelectorSource):
                     self._fault(f"cannot accept: {e.strerror}")
                 return
             if len(self._peers) >= self.options.max_clients:
+                self._finish_ended_peers()
+            if len(self._peers) >= self.options.max_clients:
                 self._note("refused", "connection refused: max_clients reached", max_clients=self.options.max_clients)
                 sock.close()  # counted first: whoever sees the close may look at the counters
                 continue
@@ -356,6 +357,22 @@ class _StreamSource(_SelectorSource):
         peer.last_active = time.monotonic()
         # Fits: only this thread adds, and room was measured just before.
         self._buffer.offer(Chunk(data=data, key=peer.key, received_at=peer.last_active))
+
+    def _finish_ended_peers(self) -> None:
+        """At ``max_clients``, before refusing a newcomer: read the peers whose last bytes and
+        EOF are already waiting, and close them. Short-lived senders (connect, send a line,
+        close) come and go faster than the selector reports them; without this, a burst of
+        them fills every slot with connections that have already ended, and the newcomers
+        refused for their sake lose their data unseen (the fault suite's connection storm)."""
+        poller = select.poll()
+        by_fd = {peer.sock.fileno(): peer.sock for peer in self._peers.values() if not peer.paused}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(0):
+            for _ in range(2):  # the waiting bytes, then the EOF behind them
+                if by_fd[fd] not in self._peers:
+                    break
+                self._on_peer(by_fd[fd])
 
     def _pause(self, peer: _Peer) -> None:
         if not peer.paused:

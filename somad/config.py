@@ -66,6 +66,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from adapters.addresses import parse_listen
+
 if TYPE_CHECKING:  # imported lazily at run time: a missing module is a config error, not an ImportError
     from adapters.mqtt_common import MqttConnectionOptions
 
@@ -118,28 +120,6 @@ class ConfigError(Exception):
 
 
 # --------------------------------------------------------------------------- helpers used by the schema
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port``, ``:port`` (every interface) or ``port`` (127.0.0.1) -> (host, port).
-
-    >>> parse_listen(":9464"), parse_listen("9464")
-    (('', 9464), ('127.0.0.1', 9464))
-    >>> parse_listen("localhost")
-    Traceback (most recent call last):
-    ...
-    ValueError: expected host:port (e.g. 127.0.0.1:9464 or [::1]:9464), got 'localhost'
-    """
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]*)\]:(\d{1,5})|([^:\[\]\s]*):(\d{1,5})|(\d{1,5})", text)
-    if not match:
-        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9464 or [::1]:9464), got {text!r}")
-    if match.group(5) is not None:
-        return parse_listen(f"127.0.0.1:{match.group(5)}")
-    host = match.group(1) if match.group(1) is not None else match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if port > 65535:
-        raise ValueError(f"port must be in 0..65535, got {port} in {text!r}")
-    return host, port
 
 
 def default_device() -> str:

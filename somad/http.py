@@ -25,6 +25,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 import structlog
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from adapters.addresses import parse_listen as parse_address
+
 DEFAULT_LISTEN = "127.0.0.1:9464"  # loopback: expose on purpose, not by accident
 REQUEST_TIMEOUT_S = 10.0  # a client that stalls mid-request loses its connection after this
 
@@ -34,20 +36,12 @@ HealthFn = Callable[[], Mapping[str, Mapping]]
 
 
 def parse_listen(listen: str, key: str = "metrics.listen") -> tuple[str, int]:
-    """``"host:port"`` (``[v6]:port``; an empty host means all IPv4 interfaces) -> (host, port)."""
-    if not isinstance(listen, str) or ":" not in listen:
-        raise ValueError(f"{key}: expected 'host:port', got {listen!r}")
-    host, _, port_text = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{key}: write an IPv6 address in brackets, e.g. '[::1]:9464', got {listen!r}")
+    """The shared listen-address rules (``adapters.addresses``), errors naming ``key``;
+    an empty host (``:PORT``) means every IPv4 interface."""
     try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"{key}: port must be a number, got {port_text!r} in {listen!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{key}: port must be in 0..65535, got {port}")
+        host, port = parse_address(listen)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
     return host or "0.0.0.0", port
 
 

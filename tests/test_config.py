@@ -662,7 +662,7 @@ def test_check_invalid_lists_problems_on_stderr(tmp_path):
     code, out, err = run_check(path)
     assert code == 1 and out == ""
     assert err.splitlines() == [
-        f"{path}:3:33: streams[0].source.listen: expected PORT, HOST:PORT or [IPv6]:PORT, got 'nowhere'",
+        f"{path}:3:33: streams[0].source.listen: expected host:port (e.g. 127.0.0.1:9464 or [::1]:9464), got 'nowhere'",
         f"{path}:4:17: streams[0].model.lr: must be in (0, 10], got 0.0",
     ]
     code, out, err = run_check(path, as_json=True)

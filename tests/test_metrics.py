@@ -429,7 +429,7 @@ def test_ipv6_loopback(metrics):
 
 @pytest.mark.parametrize(
     "listen, message",
-    [("9464", "expected 'host:port'"), ("localhost:http", "port must be a number"), ("::1:9464", "in brackets"), ("127.0.0.1:70000", "0..65535"), (None, "expected 'host:port'")],
+    [("localhost", "expected host:port"), ("localhost:http", "expected host:port"), ("::1:9464", r"\[::1\]:9464"), ("127.0.0.1:70000", "0..65535"), (None, "expected host:port")],
 )
 def test_bad_listen_addresses_name_the_key(listen, message):
     with pytest.raises(ValueError, match=f"metrics.listen: .*{message}"):
