@@ -45,6 +45,7 @@ PARITIES = {
 }
 STOPBITS = {1: serial.STOPBITS_ONE, 1.5: serial.STOPBITS_ONE_POINT_FIVE, 2: serial.STOPBITS_TWO}
 READ_MAX = 65536  # most bytes taken from the port in one read call
+PATH_POLL = 0.05  # seconds between looks for a vanished port's path while waiting to reopen
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class SerialSource(Source):
                 if not in_fault:
                     self._fault("serial_open_failed", err)
                     in_fault = True
-                self._stop.wait(delay)
+                self._wait_to_reopen(delay)
                 delay = min(2 * delay, opts.reconnect_max)
                 continue
             in_fault = False
@@ -209,8 +210,20 @@ class SerialSource(Source):
             if time.monotonic() - up_since >= opts.reconnect_max:
                 delay = opts.reconnect_initial
             elif in_fault:
-                self._stop.wait(delay)
+                self._wait_to_reopen(delay)
                 delay = min(2 * delay, opts.reconnect_max)
+
+    def _wait_to_reopen(self, delay: float) -> None:
+        """Wait ``delay`` seconds before the next open, but no longer than it takes a vanished
+        port's path to reappear: a device plugged back in is opened at once (a UART keeps
+        nothing for a reader that is not there, so every moment closed is data lost), while a
+        port that exists and fails to open still backs off."""
+        port = self.options.port
+        absent = not os.path.exists(port)
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0 and not self._stop.wait(min(left, PATH_POLL)):
+            if absent and os.path.exists(port):
+                return
 
     def _open(self) -> serial.Serial:
         opts = self.options

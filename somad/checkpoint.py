@@ -463,6 +463,8 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"corrupt or not a checkpoint ({type(err).__name__}: {_informative_line(text)})", path) from None
     except OSError as err:  # the file opened fine above: a failing read inside it is damage (or a failing disk)
         raise CheckpointError(f"truncated or corrupt (reading it failed: {err.strerror or err})", path) from None
+    except Exception as err:  # noqa: BLE001 - damaged input reaches unpickler paths that raise anything (struct.error, found by the fuzz)
+        raise CheckpointError(f"corrupt or not a checkpoint ({type(err).__name__}: {_informative_line(str(err))})", path) from None
 
 
 def _informative_line(text: str) -> str:
@@ -472,6 +474,10 @@ def _informative_line(text: str) -> str:
     line = (specific or lines or ["no detail"])[0]
     return line[:160].split(". This is an internal")[0]
 
+
+# What validating a config built from untrusted values may raise: a tensor where a number
+# belongs fails a comparison with RuntimeError, a huge number with OverflowError.
+_CONFIG_ERRORS = (TypeError, ValueError, RuntimeError, ArithmeticError)
 
 _REQUIRED = {
     "model": dict,
@@ -496,9 +502,13 @@ def _check_keys(path: Path, payload: dict) -> None:
 
 
 def _from_payload(path: Path, payload: dict, size: int) -> Checkpoint:
+    for key in ("model", "learner_config"):  # settings are plain values; a tensor would pass as a truth value
+        tensors = [name for name, value in payload[key].items() if isinstance(value, torch.Tensor)]
+        if tensors:
+            raise CheckpointError(f"bad {key.replace('_', ' ')}: {tensors[0]} is a tensor", path)
     try:
         model = SomaConfig.from_dict(payload["model"])
-    except (TypeError, ValueError) as err:
+    except _CONFIG_ERRORS as err:
         raise CheckpointError(f"bad model config: {err}", path) from None
     learner_config = _learner_config(path, payload["learner_config"])
     _check_state(path, model, payload["state"])
@@ -533,7 +543,7 @@ def _learner_config(path: Path, d: dict) -> LearnerConfig:
         known = {f.name for f in fields(LearnerConfig)} - {"metabolism"}
         metabolism = MetabolismConfig(**{k: v for k, v in meta.items() if k in meta_known})
         return LearnerConfig(**{k: v for k, v in d.items() if k in known}, metabolism=metabolism)
-    except (TypeError, ValueError, AttributeError) as err:
+    except (*_CONFIG_ERRORS, AttributeError) as err:
         raise CheckpointError(f"bad learner config: {err}", path) from None
 
 
@@ -544,6 +554,10 @@ def _check_state(path: Path, model: SomaConfig, state: dict) -> None:
             raise CheckpointError(f"state.{name} is missing or not a tensor", path)
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise CheckpointError(f"state.{name} is {tuple(tensor.shape)} {tensor.dtype}, the model needs {shape} {dtype}", path)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            # somad never saves such a state (build_payload refuses it): a resumed NaN would
+            # only roll back to itself, again and again.
+            raise CheckpointError(f"state.{name} holds NaN or Inf", path)
     for name in ("bytes_seen", "updates", "chunks_since_sync"):
         if not isinstance(state.get(name), int) or state[name] < 0:
             raise CheckpointError(f"state.{name} must be an integer >= 0, got {state.get(name)!r}", path)
@@ -556,8 +570,20 @@ def _check_state(path: Path, model: SomaConfig, state: dict) -> None:
         if name == "band_power":
             if not isinstance(value, torch.Tensor) or value.shape != (model.n_bands,) or value.dtype != torch.float64:
                 raise CheckpointError(f"state.metabolism.band_power must be ({model.n_bands},) float64", path)
+            if not bool((torch.isfinite(value) & (value >= 0)).all()):
+                raise CheckpointError("state.metabolism.band_power must be finite and >= 0", path)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CheckpointError(f"state.metabolism.{name} must be a number, got {value!r}", path)
+        else:
+            low, high = _METABOLISM_RANGES.get(name, (0.0, math.inf))
+            if not (-1e300 < value < 1e300 and math.isfinite(value) and low <= value <= high):  # ints beyond floats too
+                raise CheckpointError(f"state.metabolism.{name} must be a finite number in [{low}, {high}], got {value!r}", path)
+
+
+# Ranges of the metabolism's numbers other than [0, inf): the token bucket may be in debt, the
+# phase is a fraction of a stride, and d is a band: 64 is far beyond any bank's span (the seed
+# model has 46 bands) yet keeps the stride r^d a number the learner can compute with.
+_METABOLISM_RANGES = {"tokens": (-math.inf, math.inf), "phase": (0.0, 1.0), "d": (0.0, 64.0)}
 
 
 # --------------------------------------------------------------------------- the daemon's store

@@ -404,6 +404,22 @@ class _OpenAlert:
 # --------------------------------------------------------------------------- the scorer
 
 
+def _not_plain(value, where: str) -> str:
+    """Where ``value`` holds something other than None, bool, int, float, str, list, tuple or
+    dict ("" when nothing): a saved scorer state is plain data, and is read from a file.
+
+    >>> _not_plain({"a": [1, 2.5, None]}, "state"), _not_plain({"a": [np.zeros(2)]}, "state")
+    ('', 'state.a[0] is a ndarray')
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ""
+    if isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := _not_plain(v, f"{where}.{k}"))), "")
+    if isinstance(value, (list, tuple)):
+        return next((p for i, v in enumerate(value) if (p := _not_plain(v, f"{where}[{i}]"))), "")
+    return f"{where} is a {type(value).__name__}"
+
+
 class StreamScorer:
     """Record scores, anomaly scores and alerts for one stream; see the module docstring.
 
@@ -618,6 +634,9 @@ class StreamScorer:
 
     def load_state_dict(self, d: dict) -> None:
         """Resume from ``state_dict()``. Windows resized in the config keep their latest values."""
+        foreign = _not_plain(d, "state")
+        if foreign:  # state_dict() writes only plain values; a tensor here would fail much later
+            raise ValueError(f"stream {self.stream!r}: malformed scorer state: {foreign}")
         if not isinstance(d, dict) or d.get("version") != self.STATE_VERSION:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"stream {self.stream!r}: scorer state version {got!r} is not {self.STATE_VERSION}")
@@ -637,8 +656,13 @@ class StreamScorer:
             records, alerts_total = int(d["records"]), int(d["alerts_total"])
             usual = np.array([float(v) for v in d["usual_shares"]]) if d["usual_shares"] is not None else None
             usual_count = min(float(d["usual_count"]), self.scoring.slow_records)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as err:
             raise ValueError(f"stream {self.stream!r}: malformed scorer state: {err!r}") from err
+        counts = {"records": records, "alerts_total": alerts_total, "slow.count": slow.count, "slow.var": slow.var,
+                  "usual_count": usual_count, "alerts.quiet": state.quiet, "alerts.cooldown": state.cooldown}  # fmt: skip
+        bad = [name for name, value in counts.items() if not 0 <= value < math.inf]
+        if bad or not math.isfinite(slow.mean):
+            raise ValueError(f"stream {self.stream!r}: malformed scorer state: {', '.join(bad or ['slow.mean'])} out of range")
         if state.open != (alert is not None):
             raise ValueError(f"stream {self.stream!r}: scorer state says alert open={state.open} but carries {alert is not None and 'an' or 'no'} open alert")
         self.fast, self.slow, self.state, self._alert = fast, slow, state, alert
