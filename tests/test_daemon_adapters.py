@@ -24,7 +24,7 @@ from somad.config import parse_config
 from somad.metrics import Metrics
 from somad.stream import safe_name
 from tests.brokers import Mosquitto, wait_until
-from tests.test_daemon import Running, score_events
+from tests.test_daemon import running, score_events
 from tests.test_serial_source import PtyDevice
 from tests.test_shutdown import SOMAD
 
@@ -83,7 +83,7 @@ def test_serial_pty_lines_are_scored_in_order_across_an_unplug(tmp_path):
     first = [csv_line(i) + b"\n" for i in range(300)]
     second = [csv_line(i) + b"\n" for i in range(300, 500)]
     try:
-        with Running(parse_config(config_text(tmp_path, stream)), metrics=metrics) as daemon:
+        with running(parse_config(config_text(tmp_path, stream)), metrics=metrics) as daemon:
             runner = runner_of(daemon, "uart0")
             wait_until(lambda: runner.source.status().connected, timeout=WAIT, message="port open")
             device.send(b"".join(first))
@@ -174,7 +174,7 @@ def test_mqtt_source_to_mqtt_sink_alerts_on_a_garbage_burst_and_publishes_scores
     garbage = [("sensors/s1/telemetry", rng.randbytes(24)) for _ in range(10)]
     subscriber = Subscriber(mosquitto, ["somad/#"])
     try:
-        with Running(cfg) as daemon:
+        with running(cfg) as daemon:
             runner = runner_of(daemon, "telemetry")
             wait_until(lambda: runner.sinks[0].stats()["connected"], timeout=WAIT, message="sink connected")  # QoS 0 scores need it
             publish_all(mosquitto, normal + garbage)
@@ -199,7 +199,7 @@ def test_mqtt_split_by_key_keeps_one_checkpoint_set_per_topic(tmp_path, mosquitt
     topics = ["sensors/a/telemetry", "sensors/b/telemetry", "sensors/c/telemetry"]
     messages = [(topics[i % 3], csv_line(i) * (1 + i % 3)) for i in range(300)]  # sizes differ per topic
     sent = {t: sum(len(p) + 1 for topic, p in messages if topic == t) for t in topics}  # + the "\n" separator
-    with Running(cfg) as daemon:
+    with running(cfg) as daemon:
         runner = runner_of(daemon, "telemetry")
         publish_all(mosquitto, messages)
         learned = lambda: {m.name: m.learner.bytes_seen for m in list(runner.pipeline.models.values())}
@@ -249,7 +249,7 @@ def send_over(kind: str, address, lines: list[bytes], on_batch) -> None:
 def test_socket_sources_feed_the_daemon(tmp_path, kind):
     metrics = Metrics()
     lines = [csv_line(i) + b"\n" for i in range(300)]
-    with Running(parse_config(config_text(tmp_path, socket_stream(kind, tmp_path))), metrics=metrics) as daemon:
+    with running(parse_config(config_text(tmp_path, socket_stream(kind, tmp_path))), metrics=metrics) as daemon:
         runner = runner_of(daemon, "feed")
         address = wait_until(lambda: runner.source.address, timeout=WAIT, message="listening")
         send_over(kind, address, lines, on_batch=lambda n: wait_scores(tmp_path, n))
