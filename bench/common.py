@@ -105,6 +105,24 @@ def rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def process_memory(pid: int) -> dict[str, int]:
+    """Another process's /proc/<pid>/status memory fields in bytes (VmRSS: resident now, VmHWM: peak)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for row in f:
+            key, _, value = row.partition(":")
+            if key.startswith("Vm") and value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of another process so far (on a shared machine: its real work)."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB

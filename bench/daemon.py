@@ -55,6 +55,8 @@ from .common import (
     fmt_rate,
     log,
     machine_info,
+    process_cpu_seconds,
+    process_memory,
     table,
     write_json,
 )
@@ -158,19 +160,12 @@ class DaemonProcess:
 
     def rss_bytes(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) of the daemon in bytes: resident now, and the peak."""
-        fields = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for row in f:
-                key, _, value = row.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    fields[key] = int(value.split()[0]) * 1024
-        return fields["VmRSS"], fields["VmHWM"]
+        memory = process_memory(self.proc.pid)
+        return memory["VmRSS"], memory["VmHWM"]
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the daemon so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid)
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:

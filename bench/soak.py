@@ -52,6 +52,8 @@ from .common import (
     fmt_rate,
     log,
     machine_info,
+    process_cpu_seconds,
+    process_memory,
     table,
     write_json,
 )
@@ -189,20 +191,17 @@ class Daemon:
         return out
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for row in f:
-                if row.startswith("VmRSS:"):
-                    return int(row.split()[1]) * 1024
-        raise SystemExit(f"soak: no VmRSS for pid {self.pid}")
+        rss = process_memory(self.pid).get("VmRSS")
+        if rss is None:
+            raise SystemExit(f"soak: no VmRSS for pid {self.pid}")
+        return rss
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the daemon so far (on a shared machine, its real work)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid)
 
     def stop(self, timeout: float = 120.0) -> int:
         if self.proc.poll() is None:
