@@ -9,12 +9,13 @@ import time
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
     """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
         if value:
             return value
+        if time.monotonic() > deadline:  # checked after a last look, so a slow predicate still counts
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def csv_lines(start: int, n: int) -> bytes:

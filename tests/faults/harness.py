@@ -43,6 +43,8 @@ from typing import Self
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import wait_for as wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 SOMAD = Path(sys.executable).with_name("somad")  # the console script of this environment
 FIGURES = REPO / "bench" / "out" / "faults-part1.json"
@@ -539,18 +541,6 @@ class CreationWatch:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
-    """``predicate()``'s first truthy value, polled until ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- figures
