@@ -39,7 +39,8 @@ from somad.framing import Framer, FramingConfig
 from somad.learner import LearnerConfig, SomaLearner
 from somad.metabolism import MetabolismConfig
 from somad.model import PRESETS, preset
-from somad.scoring import LEARNING_POLICIES, AlertConfig, ScoringConfig, StreamScorer
+from somad.scoring import LEARNING_POLICIES, RECORD_SCORES, AlertConfig, ScoringConfig, StreamScorer
+from somad.stream import score_and_learn
 
 from . import nab_scorer as nab
 from .common import (
@@ -55,7 +56,6 @@ from .common import (
 
 OUT_DIR = Path(__file__).resolve().parent / "out" / "nab"
 METABOLISMS = ("adaptive", "fixed")  # adaptive: the daemon's surprise-adaptive d; fixed: d = 0, learn every byte
-RECORD_SCORES_WITHOUT_ENTROPY = ("mean", "max", "sum")  # *_excess need per-byte entropy, which SomaLearner does not return
 PUBLISHED_SHOWN = ("ARTime", "numenta", "contextOSE", "knncad", "relativeEntropy", "randomCutForest",
                    "twitterADVec", "windowedGaussian", "random", "null")  # fmt: skip
 
@@ -72,8 +72,8 @@ class Variant:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise SystemExit(f"--preset: unknown {self.preset!r}; choose from {sorted(PRESETS)}")
-        if self.record_score not in RECORD_SCORES_WITHOUT_ENTROPY:
-            raise SystemExit(f"--record-score: {self.record_score!r} not available; choose from {list(RECORD_SCORES_WITHOUT_ENTROPY)}")
+        if self.record_score not in RECORD_SCORES:
+            raise SystemExit(f"--record-score: {self.record_score!r} not available; choose from {list(RECORD_SCORES)}")
         if self.learn_while_open not in LEARNING_POLICIES:
             raise SystemExit(f"--learn-while-open: unknown {self.learn_while_open!r}; choose from {list(LEARNING_POLICIES)}")
         if self.metabolism not in METABOLISMS:
@@ -118,17 +118,12 @@ def run_rows(variant: Variant, name: str, timestamps: list[str], values: list[st
         line = value.encode() + b"\n"
         now = unix_seconds(stamp)
         t0 = time.process_time()
-        factor = scorer.learning_factor()
-        if factor > 0:
-            learner.eta_scale = factor
-            loss = learner.learn(line)
-        else:
-            loss = learner.score(line)
-        records = framer.push(line, loss.numpy().astype(np.float64))
+        loss, entropy = score_and_learn(learner, line, scorer)
+        records = framer.push(line, loss.numpy().astype(np.float64), entropy=None if entropy is None else entropy.numpy())
         if len(records) != 1:
             raise RuntimeError(f"{name} row {i}: value {value!r} framed as {len(records)} records, expected 1")
         band_power = learner.metabolism.band_power.numpy()
-        scored, opened = scorer.score_record(records[0].data, records[0].bits, band_power=band_power, now=now)
+        scored, opened = scorer.score_record(records[0].data, records[0].bits, band_power=band_power, entropy=records[0].entropy, now=now)
         spent += time.process_time() - t0
         anomaly[i], bits[i], tail[i] = scored.anomaly, scored.bits, scorer.last_tail
         alerts += sum(a.kind == "open" for a in opened)
@@ -221,7 +216,7 @@ def variants_from(args) -> list[Variant]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench.nab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", help=f"model preset(s), comma-separated (default: {Variant().preset})")
-    ap.add_argument("--record-score", help=f"record score(s): {'|'.join(RECORD_SCORES_WITHOUT_ENTROPY)} (default: {Variant().record_score})")
+    ap.add_argument("--record-score", help=f"record score(s): {'|'.join(RECORD_SCORES)} (default: {Variant().record_score})")
     ap.add_argument("--learn-while-open", help=f"learning while an alert is open: {'|'.join(LEARNING_POLICIES)} (default: {Variant().learn_while_open})")
     ap.add_argument("--metabolism", help=f"{'|'.join(METABOLISMS)} (default: {Variant().metabolism})")
     ap.add_argument("--files", help="comma-separated subset, e.g. realKnownCause/nyc_taxi.csv (default: all 58)")

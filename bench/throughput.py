@@ -5,18 +5,23 @@ nab_realKnownCause.csv from the corpus directory; cycled when more bytes are nee
 
 1. scoring only (``L.score``), d = 0 learning (every byte an observation) and adaptive learning
    on a familiar stream (the default metabolism, warmed up by learning the first
-   ``--warm-bytes`` of the input, then timed on what follows): bytes/s over at least
-   ``--seconds`` of measured work each, against the issue's targets;
+   ``--warm-bytes`` of the input, then timed on what follows): bytes per CPU-second (the
+   per-core rate; a shared machine stretches wall time, not CPU time) and per wall-second
+   over at least ``--seconds`` of measured work each, against the issue's targets;
 2. MACs/byte from ``somad.model.macs_per_byte`` with the chunk length the learner actually
    used in that mode, the mean number of distinct byte values per chunk of that length in the
    input, and the measured observations/byte; the achieved GFLOP/s = 2 * MACs/byte * bytes/s;
    and how far that is from this machine's single-thread fp32 GEMM rate (256x384 @ 384x384);
-3. RSS of an adaptive learner after 1 MB and after ``--rss-mb`` MB of input (default 50: at
-   the adaptive speed this can take the better part of an hour; progress goes to stderr), and
-   the growth between them (target < 1 MB).
+3. with ``--baseline DIR`` (a directory holding another version's model.py, learner.py and
+   metabolism.py, e.g. from ``git show``), the same modes for that version, timed piece by
+   piece in turn with this one on the same bytes, and the CPU-time ratio per mode;
+4. RSS of an adaptive learner after 1 MB and after ``--rss-mb`` MB of input (default 50;
+   progress goes to stderr), and the growth between them (target < 1 MB).
 
     PYTHONPATH=. python -m bench.throughput --quick        # smoke test, a few minutes
     PYTHONPATH=. python -m bench.throughput --json bench/out/throughput.json
+    mkdir -p /tmp/old && for f in model learner metabolism; do git show HEAD~1:somad/$f.py > /tmp/old/$f.py; done
+    PYTHONPATH=. python -m bench.throughput --baseline /tmp/old --rss-mb 0
 
 Units: 1 KB = 1000 bytes, 1 MB = 10^6 bytes.
 """
@@ -25,12 +30,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import importlib.util
+import inspect
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 
-from somad.model import macs_per_byte
+import somad.learner
+import somad.metabolism
+import somad.model
 
 from .common import (
     KB,
@@ -82,15 +96,15 @@ def distinct_per_chunk(data: bytes, chunk: int) -> float:
 
 
 def gemm_peak_gflops(seconds: float, m: int = 256, k: int = 384, n: int = 384, trials: int = 3) -> float:
-    """Best-of-trials single-thread fp32 GEMM rate, GFLOP/s (2*m*k*n flops per product)."""
+    """Best-of-trials single-thread fp32 GEMM rate, GFLOP per CPU-second (2*m*k*n flops per product)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     out = torch.empty(m, n)
     for _ in range(10):
         torch.mm(a, b, out=out)
     best = 0.0
     for _ in range(trials):
-        reps, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds / trials:
+        reps, t0 = 0, time.process_time()
+        while (elapsed := time.process_time() - t0) < seconds / trials:
             for _ in range(20):
                 torch.mm(a, b, out=out)
             reps += 20
@@ -98,95 +112,155 @@ def gemm_peak_gflops(seconds: float, m: int = 256, k: int = 384, n: int = 384, t
     return best
 
 
-def timed(fn, stream: Cycle, seconds: float, piece: int, on_piece=None) -> tuple[int, float, float]:
-    """Call fn on successive pieces until ``seconds`` of fn (wall) time.
+@dataclass
+class Impl:
+    """A version of the learner to time: this tree's somad, or a baseline loaded from elsewhere."""
 
-    Returns (bytes, wall seconds, process CPU seconds): CPU/wall well below 1 with one thread
-    means the process was waiting for a core (a busy machine), so the rate is pessimistic.
+    name: str
+    learner: ModuleType  # its somad.learner
+    metabolism: ModuleType  # its somad.metabolism
+    model: ModuleType  # its somad.model
+
+    def make(self, preset_name: str, mode: str):
+        """A learner as bench.common.make_learner builds one: fixed d = 0 for mode d0, else the defaults."""
+        if self.learner is somad.learner:
+            return make_learner(preset_name, "d0" if mode == "d0" else "adaptive")
+        meta = self.metabolism.MetabolismConfig(mode="fixed", d=0.0) if mode == "d0" else self.metabolism.MetabolismConfig()
+        return self.learner.SomaLearner(self.model.preset(preset_name), self.learner.LearnerConfig(metabolism=meta))
+
+    def macs_per_byte(self, cfg, distinct: float, chunk: int, obs_per_byte: float, reproject: bool) -> float:
+        fn = self.model.macs_per_byte
+        if "reproject" in inspect.signature(fn).parameters:
+            return fn(cfg, distinct, chunk, obs_per_byte, reproject=reproject)
+        return fn(cfg, distinct, chunk, obs_per_byte)
+
+
+THIS = Impl("this tree", somad.learner, somad.metabolism, somad.model)
+
+
+def load_baseline(directory: str) -> Impl:
+    """The model.py, learner.py and metabolism.py in ``directory``, imported as package somad_baseline."""
+    path = Path(directory)
+    missing = [f for f in ("model.py", "learner.py", "metabolism.py") if not (path / f).is_file()]
+    if missing:
+        raise SystemExit(f"--baseline {directory}: missing {', '.join(missing)}")
+    package = importlib.util.module_from_spec(importlib.util.spec_from_loader("somad_baseline", loader=None, is_package=True))
+    package.__path__ = [str(path)]
+    sys.modules["somad_baseline"] = package
+    mods = [importlib.import_module(f"somad_baseline.{name}") for name in ("learner", "metabolism", "model")]
+    return Impl(f"baseline ({directory})", *mods)
+
+
+@dataclass
+class Timing:
+    """Measured work of one learner."""
+
+    bytes: int = 0
+    wall: float = 0.0  # seconds inside the timed calls
+    cpu: float = 0.0  # process CPU seconds inside them
+
+
+def timed_in_turn(fns: list, streams: list[Cycle], seconds: float, piece: int, on_piece=None) -> list[Timing]:
+    """Call each fn on its next piece in turn, until every fn has had ``seconds`` of wall time.
+
+    Taking turns puts the learners under the same load on a shared machine; CPU time, not
+    wall time, is what they are compared by (wall time also counts waiting for a core).
     """
-    done, spent, cpu = 0, 0.0, 0.0
-    while spent < seconds:
-        data = stream.take(piece)
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn(data)
-        spent += time.perf_counter() - t0
-        cpu += time.process_time() - c0
-        done += len(data)
-        if on_piece:
-            on_piece(done, spent)
-    return done, spent, cpu
+    timings = [Timing() for _ in fns]
+    while min(t.wall for t in timings) < seconds:
+        for i, (fn, stream, t) in enumerate(zip(fns, streams, timings)):
+            data = stream.take(piece)
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn(data)
+            t.wall += time.perf_counter() - w0
+            t.cpu += time.process_time() - c0
+            t.bytes += len(data)
+            if on_piece:
+                on_piece(i, t)
+    return timings
 
 
-def measure_mode(mode: str, preset_name: str, data: bytes, args) -> dict:
-    stream = Cycle(data)
-    learner = make_learner(preset_name, "d0" if mode == "d0" else "adaptive")
-    lc, m = learner.lcfg, learner.metabolism
-    warm_d = None
+def warm_up(mode: str, learner, stream: Cycle, args, label: str) -> float | None:
+    """Untimed work before timing: allocations, and for adaptive a familiar stream. Returns d."""
     if mode == "score":
-        learner.score(stream.take(args.score_piece))  # untimed warm-up (allocations, caches)
-        fn, piece = learner.score, args.score_piece
-    elif mode == "d0":
-        learner.learn(stream.take(1024))
-        fn, piece = learner.learn, args.learn_piece
-    else:
-        prog = Progress(f"adaptive warm-up on first {fmt_bytes(args.warm_bytes)}", args.warm_bytes)
-        done = 0
-        while done < args.warm_bytes:
-            learner.learn(stream.take(min(args.learn_piece * 4, args.warm_bytes - done)))
-            done = m.bytes
-            prog.update(done, f"d={m.d:.2f} obs/byte so far {m.observations / max(1, m.bytes):.3f}")
-        warm_d = m.d
-        fn, piece = learner.learn, args.learn_piece
-    obs0, bytes0 = m.observations, m.bytes
-    d_samples = [m.d]
-    chunk_samples = []
-
-    prog = Progress(f"{MODE_LABELS[mode]} (timing {args.seconds:g}s)", None, every_s=1.0)
-
-    def on_piece(done: int, spent: float) -> None:
-        d_samples.append(m.d)
-        if mode != "score":
-            chunk_samples.append(m.bytes_per_observation_batch(lc.batch, lc.max_chunk))
-        prog.update(done, f"d={m.d:.2f}")
-
-    nbytes, secs, cpu = timed(fn, stream, args.seconds, piece, on_piece)
-
-    observations = m.observations - obs0 if mode != "score" else 0
-    obs_per_byte = observations / max(1, m.bytes - bytes0) if mode != "score" else 0.0
-    chunk = float(np.mean(chunk_samples)) if chunk_samples else float(lc.max_chunk)
+        learner.score(stream.take(args.score_piece))
+        return None
     if mode == "d0":
-        chunk = float(m.bytes_per_observation_batch(lc.batch, lc.max_chunk))  # fixed at d = 0
-    chunk_int = max(1, round(chunk))
-    distinct = distinct_per_chunk(data, chunk_int)
-    macs = macs_per_byte(learner.cfg, distinct, chunk_int, obs_per_byte)
-    macs_max_chunk = macs_per_byte(learner.cfg, distinct_per_chunk(data, lc.max_chunk), lc.max_chunk, obs_per_byte)
-    rate = nbytes / secs
-    result = {
-        "mode": mode,
-        "bytes": nbytes,
-        "seconds": secs,
-        "cpu_seconds": cpu,
-        "cpu_per_wall": cpu / secs if secs > 0 else None,
-        "bytes_per_s": rate,
-        "target_bytes_per_s": TARGETS[mode],
-        "pass": rate >= TARGETS[mode],
-        "d_after_warmup": warm_d,
-        "d_start": d_samples[0],
-        "d_end": m.d,
-        "d_min": min(d_samples),
-        "d_max": max(d_samples),
-        "observations": observations,
-        "obs_per_byte": obs_per_byte,
-        "chunk": chunk,
-        "distinct_per_chunk": distinct,
-        "macs_per_byte": macs,
-        "macs_per_byte_at_max_chunk": macs_max_chunk,
-        "gflops": 2.0 * macs * rate / 1e9,
-        "updates": learner.updates,
-    }
-    extra = f", d {result['d_start']:.2f} -> {result['d_end']:.2f}, obs/byte {obs_per_byte:.4f}" if mode != "score" else ""
-    log(f"  {MODE_LABELS[mode]}: {fmt_rate(rate)} over {secs:.2f}s ({fmt_bytes(nbytes)}){extra}")
-    return result
+        learner.learn(stream.take(1024))
+        return None
+    m = learner.metabolism
+    prog = Progress(f"{label} adaptive warm-up on first {fmt_bytes(args.warm_bytes)}", args.warm_bytes)
+    done = 0
+    while done < args.warm_bytes:
+        learner.learn(stream.take(min(args.learn_piece * 4, args.warm_bytes - done)))
+        done = m.bytes
+        prog.update(done, f"d={m.d:.2f} obs/byte so far {m.observations / max(1, m.bytes):.3f}")
+    return m.d
+
+
+def measure_mode(mode: str, preset_name: str, data: bytes, args, impls: list[Impl]) -> list[dict]:
+    """Time ``mode`` for every impl in turn on the same bytes; one result dict per impl."""
+    learners = [impl.make(preset_name, mode) for impl in impls]
+    streams = [Cycle(data) for _ in impls]
+    warm_d = [warm_up(mode, L, st, args, impl.name) for impl, L, st in zip(impls, learners, streams)]
+    metas = [L.metabolism for L in learners]
+    start = [(m.observations, m.bytes) for m in metas]
+    d_samples = [[m.d] for m in metas]
+    chunk_samples: list[list[int]] = [[] for _ in impls]
+    prog = Progress(f"{MODE_LABELS[mode]} (timing {args.seconds:g}s each)", None, every_s=1.0)
+
+    def on_piece(i: int, t: Timing) -> None:
+        m, lc = metas[i], learners[i].lcfg
+        d_samples[i].append(m.d)
+        if mode != "score":
+            chunk_samples[i].append(m.bytes_per_observation_batch(lc.batch, lc.max_chunk))
+        prog.update(t.bytes, f"{impls[i].name}: d={m.d:.2f}")
+
+    fns = [L.score if mode == "score" else L.learn for L in learners]
+    piece = args.score_piece if mode == "score" else args.learn_piece
+    timings = timed_in_turn(fns, streams, args.seconds, piece, on_piece)
+
+    results = []
+    for i, (impl, learner, m, t) in enumerate(zip(impls, learners, metas, timings)):
+        lc = learner.lcfg
+        observations = m.observations - start[i][0] if mode != "score" else 0
+        obs_per_byte = observations / max(1, m.bytes - start[i][1]) if mode != "score" else 0.0
+        chunk = float(np.mean(chunk_samples[i])) if chunk_samples[i] else float(lc.max_chunk)
+        if mode == "d0":
+            chunk = float(m.bytes_per_observation_batch(lc.batch, lc.max_chunk))  # fixed at d = 0
+        chunk_int = max(1, round(chunk))
+        distinct = distinct_per_chunk(data, chunk_int)
+        macs = impl.macs_per_byte(learner.cfg, distinct, chunk_int, obs_per_byte, reproject=mode == "d0")
+        cpu_rate = t.bytes / t.cpu if t.cpu > 0 else float("inf")
+        result = {
+            "impl": impl.name,
+            "mode": mode,
+            "bytes": t.bytes,
+            "seconds": t.wall,
+            "cpu_seconds": t.cpu,
+            "cpu_per_wall": t.cpu / t.wall if t.wall > 0 else None,
+            "bytes_per_s": t.bytes / t.wall,
+            "bytes_per_cpu_s": cpu_rate,
+            "target_bytes_per_s": TARGETS[mode],
+            "pass": cpu_rate >= TARGETS[mode],
+            "d_after_warmup": warm_d[i],
+            "d_start": d_samples[i][0],
+            "d_end": m.d,
+            "d_min": min(d_samples[i]),
+            "d_max": max(d_samples[i]),
+            "observations": observations,
+            "obs_per_byte": obs_per_byte,
+            "chunk": chunk,
+            "max_chunk": lc.max_chunk,
+            "distinct_per_chunk": distinct,
+            "macs_per_byte": macs,
+            "gflops": 2.0 * macs * cpu_rate / 1e9,
+            "updates": learner.updates,
+        }
+        extra = f", d {result['d_start']:.2f} -> {result['d_end']:.2f}, obs/byte {obs_per_byte:.4f}" if mode != "score" else ""
+        log(f"  {MODE_LABELS[mode]} [{impl.name}]: {fmt_rate(cpu_rate)} per CPU-second, {fmt_rate(result['bytes_per_s'])} wall, {fmt_bytes(t.bytes)}{extra}")
+        results.append(result)
+    return results
 
 
 def measure_rss(preset_name: str, data: bytes, total_mb: float, piece: int) -> dict:
@@ -231,6 +305,7 @@ def measure_rss(preset_name: str, data: bytes, total_mb: float, piece: int) -> d
 
 
 def render(meta: dict, modes: list[dict], peak: float, rss: dict | None) -> str:
+    with_impl = len({r["impl"] for r in modes}) > 1
     rows = []
     for r in modes:
         ok = "PASS" if r["pass"] else "MISS"
@@ -238,6 +313,8 @@ def render(meta: dict, modes: list[dict], peak: float, rss: dict | None) -> str:
         bound = peak / r["gflops"] if r["gflops"] > 0 else float("inf")
         rows.append([
             MODE_LABELS[r["mode"]],
+            *([r["impl"]] if with_impl else []),
+            fmt_rate(r["bytes_per_cpu_s"]),
             fmt_rate(r["bytes_per_s"]),
             f">= {fmt_rate(r['target_bytes_per_s'])}",
             ok,
@@ -250,28 +327,33 @@ def render(meta: dict, modes: list[dict], peak: float, rss: dict | None) -> str:
             f"{bound:.1f}x",
             f"{r['cpu_per_wall']:.2f}",
         ])
+    headers = ["mode", *(["version"] if with_impl else []), "bytes/CPU-s", "bytes/s wall", "target", "result", "d (timed)", "obs/byte", "chunk", "distinct/chunk", "MACs/byte", "GFLOP/s", "within Nx of FLOP bound", "CPU/wall"]
     out = [
         f"## soma throughput: preset {meta['preset']}, 1 thread, input {meta['input']} ({meta['cpu']})",
         "",
-        table(
-            ["mode", "bytes/s", "target", "result", "d (timed)", "obs/byte", "chunk", "distinct/chunk", "MACs/byte", "GFLOP/s", "within Nx of FLOP bound", "CPU/wall"],
-            rows,
-            "lrrlrrrrrrrr",
-        ),
+        table(headers, rows, "l" + ("l" if with_impl else "") + "rrrlrrrrrrrr"),
         "",
-        f"FLOP bound: single-thread fp32 GEMM 256x384 @ 384x384 on this machine = {peak:.1f} GFLOP/s;"
-        " 'within Nx' = that / (2 * MACs/byte * bytes/s).",
-        "MACs/byte: somad.model.macs_per_byte(cfg, distinct/chunk, chunk, obs/byte), chunk = mean chunk length the learner used"
-        " in that mode (max_chunk when scoring or at high d; batch at d = 0).",
-        "CPU/wall: process CPU time / wall time while timed; well below 1.00 means the core was shared (busy machine) and bytes/s is pessimistic.",
+        "bytes/CPU-s: bytes per second of process CPU time, the per-core rate the targets are judged by"
+        " (on a shared machine wall time also counts waiting for a core: CPU/wall well below 1.00).",
+        f"FLOP bound: single-thread fp32 GEMM 256x384 @ 384x384 on this machine = {peak:.1f} GFLOP per CPU-second;"
+        " 'within Nx' = that / (2 * MACs/byte * bytes/CPU-s).",
+        "MACs/byte: macs_per_byte(cfg, distinct/chunk, chunk, obs/byte) of that version's somad.model, chunk = mean chunk"
+        " length the learner used in that mode (max_chunk when scoring or at high d; batch at d = 0).",
     ]
-    adaptive = next((r for r in modes if r["mode"] == "adaptive"), None)
-    if adaptive:
+    if with_impl:
+        base_name = next(r["impl"] for r in modes if r["impl"] != THIS.name)
+        by = {(r["mode"], r["impl"]): r for r in modes}
+        ratios = []
+        for mode in dict.fromkeys(r["mode"] for r in modes):
+            this, base = by[mode, THIS.name], by[mode, base_name]
+            ratios.append(f"{MODE_LABELS[mode]} {this['bytes_per_cpu_s'] / base['bytes_per_cpu_s']:.2f}x")
+        out.append("CPU time per byte, baseline / this tree (same bytes, timed in turn): " + ", ".join(ratios) + ".")
+    for adaptive in (r for r in modes if r["mode"] == "adaptive"):
         out.append(
-            f"Adaptive: warmed up on the first {fmt_bytes(meta['warm_bytes'])} of the input (d reached {adaptive['d_after_warmup']:.2f}),"
-            f" then timed on the following bytes: d {adaptive['d_min']:.2f}..{adaptive['d_max']:.2f}, {adaptive['obs_per_byte']:.4f} observations/byte."
+            f"Adaptive [{adaptive['impl']}]: warmed up on the first {fmt_bytes(meta['warm_bytes'])} of the input (d reached {adaptive['d_after_warmup']:.2f}),"
+            f" then timed on the following bytes: d {adaptive['d_min']:.2f}..{adaptive['d_max']:.2f}, {adaptive['obs_per_byte']:.4f} observations/byte, {adaptive['updates']} updates in all."
         )
-    times = ", ".join(f"{MODE_LABELS[r['mode']]} {r['seconds']:.2f}s/{fmt_bytes(r['bytes'])}" for r in modes)
+    times = ", ".join(f"{MODE_LABELS[r['mode']]}{' [' + r['impl'] + ']' if with_impl else ''} {r['seconds']:.2f}s/{fmt_bytes(r['bytes'])}" for r in modes)
     out.append(f"Measured work: {times}.")
     if rss:
         g = rss["growth"]
@@ -306,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="score,d0,adaptive", help="comma-separated subset of score,d0,adaptive")
     ap.add_argument("--score-piece", type=int, default=16384, help="bytes per L.score call (default 16384)")
     ap.add_argument("--learn-piece", type=int, default=4096, help="bytes per L.learn call (default 4096)")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the model.py, learner.py and metabolism.py in DIR (another version), in turn with this one")
     ap.add_argument("--quick", action="store_true", help="smoke test: 0.5 s per mode, 100 KB warm-up, 2 MB RSS run")
     ap.add_argument("--json", metavar="OUT", help="write results as JSON")
     args = ap.parse_args(argv)
@@ -343,10 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     peak = gemm_peak_gflops(peak_seconds)
     log(f"single-thread fp32 GEMM peak: {peak:.1f} GFLOP/s")
 
+    impls = [THIS] + ([load_baseline(args.baseline)] if args.baseline else [])
+    if args.baseline:
+        meta["baseline"] = args.baseline
     results = []
     for mode in modes:
         log(f"{MODE_LABELS[mode]} ...")
-        results.append(measure_mode(mode, args.preset, data, args))
+        results.extend(measure_mode(mode, args.preset, data, args, impls))
         gc.collect()
 
     rss = None

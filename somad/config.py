@@ -253,7 +253,7 @@ class ModelConfig:
     rule: str = "sgd"  # "sgd" | "seed" (eta = 1 with a weight bound)
     weight_bound: float = 0.0  # |w| <= bound after each update (0 = none; "seed" needs one)
     batch: int = 32  # observations per weight update (as LearnerConfig)
-    max_chunk: int = 64  # bytes scored together at most (as LearnerConfig)
+    max_chunk: int = 128  # bytes scored together at most (as LearnerConfig)
 
     def __post_init__(self) -> None:
         from .model import PRESETS

@@ -116,10 +116,17 @@ class Record:
     data: bytes  # the record's bytes, its terminator included (cut records: the first max_record_bytes)
     bits: np.ndarray  # float64 loss of each byte of ``data``, in bits
     cut: bool = False  # the record was longer than max_record_bytes and was cut
+    entropy: np.ndarray | None = None  # float64 entropy of each byte's prediction (bits), if the learner gave it
+
+
+def _record(data: bytes, per_byte: np.ndarray, cut: bool) -> Record:
+    """A Record from its bytes and their (n, 2) [bits, entropy] rows (entropy NaN: not given)."""
+    entropy = per_byte[:, 1]
+    return Record(data, per_byte[:, 0].copy(), cut, None if np.isnan(entropy).any() else entropy.copy())
 
 
 class Framer:
-    """Turns ``(bytes, bits)`` chunks into ``Record``s; see the module docstring.
+    """Turns ``(bytes, bits[, entropy])`` chunks into ``Record``s; see the module docstring.
 
     >>> import numpy as np
     >>> framer = Framer(FramingConfig(type="fixed", length=3))
@@ -133,7 +140,7 @@ class Framer:
         self._separator = cfg.separator_bytes
         self._limit = cfg.length if cfg.type == "fixed" else cfg.max_record_bytes
         self._data = bytearray(self._limit)  # the record being built (preallocated: no growth)
-        self._bits = np.zeros(self._limit, dtype=np.float64)
+        self._per_byte = np.zeros((self._limit, 2), dtype=np.float64)  # [bits, entropy] of its bytes
         self._len = 0
         self._skipping = False  # inside an over-long record already emitted cut: drop until its end
         self._tail = b""  # the last len(delimiter)-1 bytes of the current record, to find split delimiters
@@ -161,21 +168,28 @@ class Framer:
         """
         return data + self._separator if self.cfg.type == "message" else data
 
-    def push(self, data: bytes, bits, is_record: bool = False) -> list[Record]:
-        """Records finished by ``data`` (the bytes given to the learner) and its per-byte ``bits``.
+    def push(self, data: bytes, bits, is_record: bool = False, entropy=None) -> list[Record]:
+        """Records finished by ``data`` (the bytes given to the learner) and its per-byte ``bits``
+        (and ``entropy`` of each byte's prediction, carried to ``Record.entropy`` when given).
 
         ``is_record`` is informational for stream framings (they cut by their own rule); with
         ``message`` framing every push is one record, whatever the source said.
         """
-        bits = np.asarray(bits, dtype=np.float64).reshape(-1)
-        if len(bits) != len(data):
-            raise ValueError(f"push: {len(data)} bytes but {len(bits)} bits values")
+        per_byte = np.empty((len(data), 2), dtype=np.float64)
+        for column, (name, values) in enumerate((("bits", bits), ("entropy", entropy))):
+            if values is None:
+                per_byte[:, column] = np.nan
+                continue
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            if len(values) != len(data):
+                raise ValueError(f"push: {len(data)} bytes but {len(values)} {name} values")
+            per_byte[:, column] = values
         self.bytes += len(data)
         if self.cfg.type == "message":
-            return self._message(bytes(data), bits)
+            return self._message(bytes(data), per_byte)
         if self.cfg.type == "fixed":
-            return self._fixed(bytes(data), bits)
-        return self._delimited(bytes(data), bits)
+            return self._fixed(bytes(data), per_byte)
+        return self._delimited(bytes(data), per_byte)
 
     def flush(self) -> list[Record]:
         """The unfinished record, if any (at the end of a finite source)."""
@@ -189,31 +203,31 @@ class Framer:
 
     # ------------------------------------------------------------------ per type
 
-    def _message(self, data: bytes, bits: np.ndarray) -> list[Record]:
+    def _message(self, data: bytes, per_byte: np.ndarray) -> list[Record]:  # per_byte: (n, 2) rows of [bits, entropy]
         limit = self.cfg.max_record_bytes
         cut = len(data) > limit
         if cut:
             self.cut_records += 1
             self.cut_bytes += len(data) - limit
         self.records += 1
-        return [Record(data[:limit], bits[:limit].copy(), cut)]
+        return [_record(data[:limit], per_byte[:limit], cut)]
 
-    def _fixed(self, data: bytes, bits: np.ndarray) -> list[Record]:
+    def _fixed(self, data: bytes, per_byte: np.ndarray) -> list[Record]:
         out = []
         pos = 0
         if self._len == 0:  # whole records straight from the chunk
             whole = len(data) - len(data) % self._limit
-            out = [self._whole(data, bits, p, p + self._limit) for p in range(0, whole, self._limit)]
+            out = [self._whole(data, per_byte, p, p + self._limit) for p in range(0, whole, self._limit)]
             pos = whole
         while pos < len(data):
             take = min(self._limit - self._len, len(data) - pos)
-            self._append(data[pos : pos + take], bits[pos : pos + take])
+            self._append(data[pos : pos + take], per_byte[pos : pos + take])
             pos += take
             if self._len == self._limit:
                 out.append(self._emit(cut=False))
         return out
 
-    def _delimited(self, data: bytes, bits: np.ndarray) -> list[Record]:
+    def _delimited(self, data: bytes, per_byte: np.ndarray) -> list[Record]:
         end = self._end
         # Search the carried tail too, so that a delimiter split across two chunks is found.
         window = self._tail + data
@@ -224,12 +238,12 @@ class Framer:
         while (hit := window.find(end, search_from)) >= 0:
             stop = hit + len(end) - shift  # just past the delimiter, in ``data`` (>= 1: the tail is shorter than ``end``)
             if self._len == 0 and not self._skipping and stop - start <= self._limit:
-                out.append(self._whole(data, bits, start, stop))  # the common case, without the buffer
+                out.append(self._whole(data, per_byte, start, stop))  # the common case, without the buffer
             else:
-                out += self._take(data[start:stop], bits[start:stop], complete=True)
+                out += self._take(data[start:stop], per_byte[start:stop], complete=True)
             start = stop
             search_from = hit + len(end)
-        out += self._take(data[start:], bits[start:], complete=False)
+        out += self._take(data[start:], per_byte[start:], complete=False)
         keep = len(end) - 1
         current = data[start:] if start > 0 else window
         self._tail = current[-keep:] if keep else b""
@@ -237,7 +251,7 @@ class Framer:
 
     # ------------------------------------------------------------------ buffer
 
-    def _take(self, piece: bytes, bits: np.ndarray, complete: bool) -> list[Record]:
+    def _take(self, piece: bytes, per_byte: np.ndarray, complete: bool) -> list[Record]:
         """Add ``piece`` to the current record; ``complete``: it ends the record."""
         if self._skipping:
             self.cut_bytes += len(piece)
@@ -245,7 +259,7 @@ class Framer:
             return []
         room = self._limit - self._len
         take = min(room, len(piece))
-        self._append(piece[:take], bits[:take])
+        self._append(piece[:take], per_byte[:take])
         excess = len(piece) - take
         if excess:
             # Over the limit: emit what fits now (an alert should not wait for the record's end).
@@ -255,18 +269,18 @@ class Framer:
             return [self._emit(cut=True)]
         return [self._emit(cut=False)] if complete else []
 
-    def _whole(self, data: bytes, bits: np.ndarray, start: int, stop: int) -> Record:
+    def _whole(self, data: bytes, per_byte: np.ndarray, start: int, stop: int) -> Record:
         self.records += 1
-        return Record(data[start:stop], bits[start:stop].copy(), False)
+        return _record(data[start:stop], per_byte[start:stop], False)
 
-    def _append(self, piece: bytes, bits: np.ndarray) -> None:
+    def _append(self, piece: bytes, per_byte: np.ndarray) -> None:
         n = len(piece)
         self._data[self._len : self._len + n] = piece
-        self._bits[self._len : self._len + n] = bits
+        self._per_byte[self._len : self._len + n] = per_byte
         self._len += n
 
     def _emit(self, cut: bool) -> Record:
-        record = Record(bytes(self._data[: self._len]), self._bits[: self._len].copy(), cut)
+        record = _record(bytes(self._data[: self._len]), self._per_byte[: self._len], cut)
         self._len = 0
         self.records += 1
         return record

@@ -5,10 +5,18 @@
 (the trace bank still advances: it is the model's memory of the stream).
 
 Chunking. Weights are fixed inside a chunk, so a chunk's bytes are scored together (see
-``model.forward_chunk``). When learning, a chunk holds about ``batch`` observations: at d = 0
+``model.forward_modes``). When learning, a chunk holds about ``batch`` observations: at d = 0
 every byte is an observation and the weights are updated every ``batch`` bytes (the gradients
 of those bytes summed: each byte is still one SGD step of size eta); at higher d the chunk
-grows with the stride, up to ``max_chunk`` bytes.
+grows with the stride, up to ``max_chunk`` bytes. Where ``max_chunk`` bytes hold fewer than
+``batch`` observations (d > log_r(max_chunk / batch): a familiar stream), the gradients of
+successive chunks are summed in a ``GradientWindow`` and applied as one update once it holds
+``batch`` observations or spans ``window_bytes`` bytes, whichever comes first (an update per
+~580 bytes at d = 6 would be cheapest, but learning that late costs 1.8 % in bits/byte on the
+NAB csv; 256 bytes cost 0.6 %, see README). A window only holds observations made at one d
+and one eta_scale, so each update is exactly -eta * gamma_obs(k, d) times the gradient of its
+observations' losses at the weights that scored them. ``score()`` and ``state_dict()`` first
+apply what is pending (``apply_pending``): nothing observed is lost.
 
 Learning-rate rules (``LearnerConfig.rule``):
 - ``"seed"``: the soma theory's rule: eta = 1 at full observational coherence, band k's step
@@ -20,6 +28,7 @@ The default comes from ``bench/lr`` (see README, "Learning-rate rule").
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,16 +36,20 @@ import torch
 
 from .metabolism import Metabolism, MetabolismConfig
 from .model import (
+    LN2,
     V,
     ChunkKernels,
+    LengthKernels,
     SomaConfig,
     SomaParams,
-    backward_chunk,
-    bits_per_byte,
+    band_confidence,
     carry_state,
+    chunk_values,
     expand_carry_grad,
-    forward_chunk,
-    mix_bands,
+    forward_modes,
+    output_gradient,
+    project_rows,
+    read_rows,
 )
 
 
@@ -46,8 +59,9 @@ class LearnerConfig:
     lr: float = 0.1  # eta for "sgd"; "seed" always uses 1.0
     weight_bound: float = 0.0  # |w| <= bound after each update (0 = none); "seed" needs one
     batch: int = 32  # observations per weight update
-    max_chunk: int = 64  # bytes scored together at most (memory of kernels grows as chunk^2)
-    resync_chunks: int = 256  # score-only: recompute the carried state exactly this often
+    max_chunk: int = 128  # bytes scored together at most (fewer, larger GEMMs; kernel memory grows as chunk^2)
+    window_bytes: int = 256  # at high d, learn at least this often even before batch observations (staleness vs cost, see README)
+    resync_chunks: int = 256  # recompute the carried state exactly at least this often (chunks); it is advanced incrementally
     metabolism: MetabolismConfig = field(default_factory=MetabolismConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +73,8 @@ class LearnerConfig:
             raise ValueError(f"lr must be in (0, 10], got {self.lr}")
         if not 1 <= self.batch <= self.max_chunk <= 1024:
             raise ValueError(f"need 1 <= batch ({self.batch}) <= max_chunk ({self.max_chunk}) <= 1024")
+        if self.window_bytes < 1:
+            raise ValueError(f"window_bytes must be >= 1, got {self.window_bytes}")
 
     @property
     def eta(self) -> float:
@@ -67,6 +83,118 @@ class LearnerConfig:
 
 class NumericalFault(RuntimeError):
     """The model produced NaN/Inf: the caller should roll back to a good checkpoint."""
+
+
+class GradientWindow:
+    """Observations not yet learned from: one update's worth, possibly over many chunks.
+
+    The gradient for Ucat row (v, k) is sum over observed t of x_t[v, k] dZ_t, x_t the features
+    before byte t. Over a window opened at trace bank T_ref, the traces before t are
+    alpha^(t - start) T_ref (every seen row) plus the traces of the window's own bytes (a few
+    rows, given slots). So the window stores, per observation t (in trace space: the band
+    mixing M is applied once, at the update):
+    - ``decays[t]`` = alpha^(t - start) (K,): how T_ref reaches t;
+    - ``feats[t]`` (slots, K): the traces of the window's own bytes at t;
+    - ``hidden[t]`` (H,), ``dz[t]`` (H,) and ``g[t]`` (256,): what the gradients are made of
+      (dZ_t = [dz_t | g_t] with a direct readout, see ``model.output_gradient``).
+    The update then needs a few GEMMs over the observations (``gradients``). Buffers have a
+    fixed size: ``capacity`` slots and ``batch + max_chunk`` observations (a window is applied
+    once it holds ``batch``; it closes early when its slots would overflow).
+    """
+
+    def __init__(self, cfg: SomaConfig, capacity: int, max_observations: int):
+        k = cfg.n_bands
+        self.capacity = capacity  # distinct byte values one window can hold
+        self.slot_of = torch.full((V,), -1, dtype=torch.long)  # byte value -> slot, -1 if none
+        self.values = torch.zeros(capacity, dtype=torch.long)  # slot -> byte value
+        self.traces = torch.zeros(capacity, k, dtype=torch.float64)  # per slot: traces from window bytes
+        self.feats = torch.zeros(max_observations, capacity, k)  # per observation: those traces, float32
+        self.decays = torch.zeros(max_observations, k)  # per observation: alpha^(t - start)
+        self.hidden = torch.zeros(max_observations, cfg.hidden_dim)  # per observation: h_t
+        self.dz = torch.zeros(max_observations, cfg.hidden_dim)  # per observation: dz_t (output_gradient)
+        self.g = torch.zeros(max_observations, V)  # per observation: g_t; dZ_t = [dz_t | g_t] with a direct readout
+        self.direct = cfg.direct_readout
+        self.decay = torch.ones(k, dtype=torch.float64)  # alpha^(bytes since the window opened)
+        self.start: torch.Tensor | None = None  # trace bank when the window opened (None: closed)
+        self.used = 0  # slots in use
+        self.observations = 0  # observations stored so far
+        self.d = 0.0  # decimation band of its observations (gamma_obs is applied at the update)
+        self.eta_scale = 1.0  # learning-rate scale of its observations
+        self.bytes = 0  # bytes since it opened
+
+    @property
+    def open(self) -> bool:
+        return self.start is not None
+
+    def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
+        self.start, self.d, self.eta_scale = traces, d, eta_scale
+
+    def new_values(self, uniq: torch.Tensor) -> int:
+        """How many of ``uniq`` have no slot yet."""
+        return int((self.slot_of.index_select(0, uniq) < 0).sum())
+
+    def slots(self, uniq: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(slots of ``uniq`` (m,), slots in use before), allocating slots for new values."""
+        before = self.used
+        slots = self.slot_of.index_select(0, uniq)
+        new = slots < 0
+        fresh = int(new.sum())
+        if fresh:
+            values = uniq[new]
+            self.slot_of[values] = torch.arange(before, before + fresh)
+            self.values[before : before + fresh] = values
+            self.used += fresh
+            self.feats[: self.observations, before : self.used] = 0.0  # earlier observations: no traces yet
+            slots = self.slot_of.index_select(0, uniq)
+        return slots, before
+
+    def add_chunk(self, cfg: SomaConfig, params: SomaParams, lk: LengthKernels, onehot: torch.Tensor, slots: torch.Tensor, used_before: int, idx: torch.Tensor | None, h: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> None:
+        """Store a chunk's o observations: positions ``idx`` (None = all), their hidden
+        activations ``h``, log-probabilities ``logp`` and ``targets``, all (o, ...)."""
+        n, m = onehot.shape
+        k = self.decays.shape[1]
+        o0, o = self.observations, h.shape[0]
+        rows = slice(o0, o0 + o)
+        carry_t = lk.carry if idx is None else lk.carry.index_select(0, idx)  # (o, K): alpha^t
+        torch.mul(carry_t, self.decay.to(torch.float32), out=self.decays[rows])
+        self.hidden[rows] = h
+        output_gradient(cfg, params, h, logp, targets, self.dz[rows], self.g[rows])
+        feats = self.feats[rows]  # (o, slots, K)
+        if used_before:  # the window's earlier bytes, decayed into the chunk
+            torch.mul(carry_t[:, None, :], self.traces[:used_before].to(torch.float32)[None], out=feats[:, :used_before])
+        feats[:, used_before : self.used] = 0.0
+        lags, span = lk.lags, lk.span
+        if idx is None:  # (o, m, K): traces from the chunk's own bytes
+            local = (onehot.t() @ lags.in_chunk[:n]).view(m, k, span)[:, :, :n].permute(2, 0, 1)
+        else:
+            local = torch.matmul(lags.in_chunk_by_t.index_select(0, idx)[:, :, :n], onehot).transpose(1, 2)
+        feats.index_add_(1, slots, local)
+        self.observations += o
+
+    def advance(self, lk: LengthKernels, slots: torch.Tensor, increment: torch.Tensor) -> None:
+        """The trace bank moved past a chunk: decay the window's traces, add the chunk's bytes."""
+        self.traces[: self.used] *= lk.decay64
+        self.traces.index_add_(0, slots, increment)
+        self.decay *= lk.decay64
+        self.bytes += lk.n  # bytes since the window opened
+
+    def gradients(self, hdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(D (K, C) = sum_t alpha^(t - start) dZ_t, own (slots, K, C) trace-space gradient of
+        the window's byte values from their window traces, grad W (H, 256), grad b (256,))."""
+        o, u = self.observations, self.used
+        g = self.g[:o]  # (o, 256)
+        dzc = torch.cat([self.dz[:o], g], dim=1) if self.direct else self.dz[:o]  # (o, C)
+        carry = self.decays[:o].t() @ dzc  # (K, C)
+        own = self.feats[:o, :u].reshape(o, -1).t() @ dzc  # (u*K, C)
+        return carry, own.view(u, self.decays.shape[1], -1), self.hidden[:o].t() @ g, g.sum(0)
+
+    def reset(self) -> None:
+        used = self.used
+        self.slot_of[self.values[:used]] = -1
+        self.traces[:used] = 0.0
+        self.decay.fill_(1.0)
+        self.start, self.used, self.observations = None, 0, 0
+        self.bytes = 0
 
 
 class SomaLearner:
@@ -88,22 +216,63 @@ class SomaLearner:
         self.bytes_seen = 0
         self.updates = 0
         self.eta_scale = 1.0  # the pipeline lowers it while an alert is open ("reduced" learning)
+        self.window = GradientWindow(cfg, min(V, self.lcfg.max_chunk), self.lcfg.batch + self.lcfg.max_chunk)  # observations not yet applied
         self._chunks_since_sync = 0
+        self._projected = torch.zeros(V, self.kern.rank, cfg.out_dim)  # Ucat rows in lag modes (project_rows)
+        self._projected_ok = torch.zeros(V, dtype=torch.bool)  # which rows of _projected are current
+        self._projected_of = (self.params.ucat, 0, -1, 0)  # (tensor, address, version, span of chunk lengths) they come from
+        self._power = torch.zeros(cfg.n_bands, dtype=torch.float64)  # gradient power of the last update ...
+        self._power_obs = 0  # ... and its observations, until reported to the metabolism
+        self._gamma = band_confidence(cfg.base, cfg.n_bands, 0.0)  # gamma_obs at _gamma_d
+        self._gamma_d = 0.0
 
     # ------------------------------------------------------------------ public API
 
     def score(self, data: bytes | bytearray | memoryview) -> torch.Tensor:
-        """Loss in bits of each byte, without learning. Returns (len(data),) float32."""
-        return self._run(data, learn=False)
+        """Loss in bits of each byte, without learning. Returns (len(data),) float32.
+
+        Gradients pending from earlier ``learn`` calls are applied first.
+        """
+        self.apply_pending()
+        return self._run(data, learn=False)[0]
 
     def learn(self, data: bytes | bytearray | memoryview) -> torch.Tensor:
         """Score each byte, then learn from it (at the metabolism's observations)."""
-        return self._run(data, learn=True)
+        return self._run(data, learn=True)[0]
+
+    def score_with_entropy(self, data: bytes | bytearray | memoryview) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score``, plus the entropy in bits of each byte's predicted distribution (the loss
+        a byte drawn from the model's own prediction would cost on average)."""
+        self.apply_pending()
+        return self._run(data, learn=False, with_entropy=True)
+
+    def learn_with_entropy(self, data: bytes | bytearray | memoryview) -> tuple[torch.Tensor, torch.Tensor]:
+        """``learn``, plus each byte's predicted entropy in bits (as ``score_with_entropy``).
+
+        >>> from somad.model import preset
+        >>> bits, entropy = SomaLearner(preset("tiny")).learn_with_entropy(b"ab" * 64)
+        >>> bits.shape == entropy.shape, bool((entropy >= 0).all()), round(float(entropy[0]))
+        (True, True, 8)
+        """
+        return self._run(data, learn=True, with_entropy=True)
+
+    def apply_pending(self) -> None:
+        """Apply the gradients summed in the window now (a no-op when none are pending)."""
+        if self.window.open:
+            self._apply_window()
 
     def sync_carry(self) -> None:
         """Recompute the carried state P exactly from the trace bank and weights."""
         self.carry = carry_state(self.cfg, self.params, self.traces, self.seen)
         self._chunks_since_sync = 0
+
+    @property
+    def last_update_power(self) -> torch.Tensor:
+        """Gradient power per band |g_k|^2 (K,) float64 of the most recent weight update (zeros
+        before the first). Updates apply windows of observations that may span several
+        ``learn`` calls; ``apply_pending`` closes the window now. ``metabolism.band_power`` is
+        the running average per observation."""
+        return self._power.clone()
 
     def stats(self) -> dict:
         return {"bytes_seen": self.bytes_seen, "updates": self.updates, "eta": self.lcfg.eta * self.eta_scale, **self.metabolism.stats()}
@@ -113,7 +282,8 @@ class SomaLearner:
 
         U and Wd are stored apart (the checkpoint format names them); ``carry`` is kept although
         it can be recomputed, so that a resumed learner continues bit for bit. ``eta_scale`` is
-        not state: the pipeline sets it before each chunk.
+        not state: the pipeline sets it before each chunk. Gradients still pending in the window
+        are applied first (``apply_pending``), so the state holds every observation so far.
 
         >>> from somad.model import preset
         >>> a = SomaLearner(preset("tiny")); _ = a.learn(b"hello world\\n" * 4)
@@ -121,6 +291,7 @@ class SomaLearner:
         >>> bool((a.learn(b"hello") == b.learn(b"hello")).all())
         True
         """
+        self.apply_pending()
         hdim = self.cfg.hidden_dim
         state = {
             "U": self.params.ucat[:, :hdim].contiguous().clone(),  # (256*K, H)
@@ -141,7 +312,8 @@ class SomaLearner:
     def load_state_dict(self, state: dict) -> None:
         """Take over a ``state_dict()`` of a learner with the same architecture.
 
-        Raises ``ValueError`` naming the missing, unknown or misshapen entries.
+        Raises ``ValueError`` naming the missing, unknown or misshapen entries. Gradients
+        pending in this learner's window are dropped: the loaded state replaces them.
         """
         expected = learner_state_shapes(self.cfg)
         known = set(expected) | {"bytes_seen", "updates", "chunks_since_sync", "metabolism"}
@@ -166,88 +338,174 @@ class SomaLearner:
         self.updates = int(state["updates"])
         self._chunks_since_sync = int(state["chunks_since_sync"])
         self.metabolism.load_state_dict(state["metabolism"])
+        self.window.reset()
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, data, learn: bool) -> torch.Tensor:
+    def _run(self, data, learn: bool, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(bits, entropy or None) of every byte of ``data``, chunk by chunk."""
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if len(data) else torch.zeros(0, dtype=torch.long)
         out = torch.empty(buf.numel())
+        entropy = torch.empty(buf.numel()) if with_entropy else None
         pos = 0
         while pos < buf.numel():
             n = self.metabolism.bytes_per_observation_batch(self.lcfg.batch, self.lcfg.max_chunk) if learn else self.lcfg.max_chunk
             chunk = buf[pos : pos + n]
-            out[pos : pos + chunk.numel()] = self._step(chunk, learn)
-            pos += chunk.numel()
-        return out
+            end = pos + chunk.numel()
+            out[pos:end] = self._step(chunk, learn, None if entropy is None else entropy[pos:end])
+            pos = end
+        return out, entropy
 
-    def _step(self, chunk: torch.Tensor, learn: bool) -> torch.Tensor:
+    def _step(self, chunk: torch.Tensor, learn: bool, entropy_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Score a chunk with the current weights; when learning, add its observations to the
+        window and apply the window once it holds ``batch`` observations. ``entropy_out``
+        (n,), if given, receives the entropy in bits of each byte's prediction."""
         t0 = time.perf_counter()
         n = chunk.numel()
-        cache = forward_chunk(self.cfg, self.params, self.kern, self.carry, chunk)
-        bits, probs = bits_per_byte(cache.logits, chunk)
-        if not bool(torch.isfinite(bits).all()):
-            raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
-        old_traces = self.traces
-        self._advance_traces(cache)
-        n_obs, power = 0, None
+        lk = self.kern.at(n)
+        uniq, onehot = chunk_values(chunk)
+        observed, n_obs, rows = None, 0, None
+        update_every_chunk = learn and self._chunk_holds_batch()
         if learn:
-            observed = self.metabolism.observation_mask(n)
-            n_obs = int(observed.sum())
-            if n_obs:
-                power = self._update(cache, probs, observed if n_obs < n else None, old_traces)
-        if learn and n_obs:
-            self.carry = carry_state(self.cfg, self.params, self.traces, self.seen)
+            if self.metabolism.stride == 1.0:  # every byte an observation (the phase stays as it is)
+                n_obs = n
+            else:
+                observed = self.metabolism.observation_mask(n)
+                n_obs = int(observed.sum())
+            self._close_window_if_changed(uniq)
+        if update_every_chunk:  # the weights change after this chunk: no use keeping projections
+            k, c = self.cfg.n_bands, self.cfg.out_dim
+            rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
+            projected = project_rows(lk, rows)
         else:
-            self._advance_carry(cache)
+            projected = self._projected_rows(lk, uniq)
+        h, logits = forward_modes(self.cfg, self.params, lk, self.carry, onehot, projected)
+        logp = torch.log_softmax(logits, dim=1)  # (n, 256)
+        bits = logp.gather(1, chunk[:, None]).squeeze(1).mul_(-1.0 / LN2)  # (n,)
+        if entropy_out is not None:  # H = -sum p log2 p
+            entropy_out.copy_((logp.exp() * logp).sum(1).mul_(-1.0 / LN2))
+        if not math.isfinite(float(bits.sum())):
+            raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
+        window = self.window
+        if n_obs and not window.open:
+            window.begin(self.traces, self.metabolism.d, self.eta_scale)
+        slots, used_before = window.slots(uniq) if window.open else (None, 0)
+        if n_obs:
+            idx = None if n_obs == n else observed.nonzero().squeeze(1)
+            sel = (lambda x: x) if idx is None else (lambda x: x.index_select(0, idx))
+            window.add_chunk(self.cfg, self.params, lk, onehot, slots, used_before, idx, sel(h), sel(logp), sel(chunk))
+        increment = onehot.t().to(torch.float64) @ lk.last64  # (m, K): the chunk's bytes in the traces after it
+        if window.open:
+            window.advance(lk, slots, increment)
+        self.traces = self.traces * lk.decay64  # a new tensor: the window may hold the old one
+        self.traces.index_add_(0, uniq, increment)
+        self.seen[uniq] = True
+        self._advance_carry(lk, uniq, onehot, increment, rows)  # P for the new traces, weights as they were
+        if window.open and (update_every_chunk or window.observations >= self.lcfg.batch or window.bytes >= self.lcfg.window_bytes):
+            self._apply_window()
         self.bytes_seen += n
+        power = None
+        if n_obs and self._power_obs:  # the metabolism averages power per observation of this chunk
+            power, self._power_obs = self._power * (n_obs / self._power_obs), 0
         self.metabolism.after_chunk(bits, n_obs, power, time.perf_counter() - t0 if learn else 0.0)
         return bits
 
-    def _advance_traces(self, cache) -> None:
-        """T <- alpha^n T + sum over the chunk's bytes (exact, float64)."""
-        n = cache.data.numel()
-        increment = torch.zeros(cache.uniq.numel(), self.cfg.n_bands, dtype=torch.float64)
-        increment.index_add_(0, cache.inverse, self.kern.last_row(n).t())  # (m, K)
-        self.traces = self.traces * self.kern.carry64[n]
-        self.traces.index_add_(0, cache.uniq, increment)
-        self.seen[cache.uniq] = True
-        self._increment = increment  # used by _advance_carry
+    def _chunk_holds_batch(self) -> bool:
+        """At this stride a chunk was sized to hold ``batch`` observations: update every chunk."""
+        return self.lcfg.batch * self.metabolism.stride <= self.lcfg.max_chunk
 
-    def _advance_carry(self, cache) -> None:
-        """P <- alpha^n P + increment read through U~ (score-only; exact up to rounding)."""
+    def _close_window_if_changed(self, uniq: torch.Tensor) -> None:
+        """Apply the window before a chunk that cannot join it: its observations were made at
+        another d or eta_scale (gamma_obs and eta are exact per window), or it has no room."""
+        window = self.window
+        if not window.open:
+            return
+        if window.d != self.metabolism.d or window.eta_scale != self.eta_scale or window.used + window.new_values(uniq) > window.capacity:
+            self._apply_window()
+
+    def _projected_rows(self, lk: LengthKernels, uniq: torch.Tensor) -> torch.Tensor:
+        """project_rows of Ucat's rows ``uniq`` (m, r, C) for chunks of lk.n bytes, cached per span.
+
+        Any change is caught: another tensor (params replaced), another address (a deep copy),
+        another version (written in place, by the learner or anyone else), another span of
+        chunk lengths (its own lag modes).
+        """
+        ucat = self.params.ucat
+        source = (ucat, ucat.data_ptr(), ucat._version, lk.span)
+        if self._projected_of[0] is not ucat or self._projected_of[1:] != source[1:]:
+            self._projected_ok.zero_()
+            self._projected_of = source
+        cache = self._projected[:, : lk.rank]
+        missing = uniq[~self._projected_ok.index_select(0, uniq)]
+        if missing.numel():
+            k, c = self.cfg.n_bands, self.cfg.out_dim
+            rows = ucat.view(V, k * c).index_select(0, missing).view(-1, k, c)
+            cache[missing] = project_rows(lk, rows)
+            self._projected_ok[missing] = True
+        return cache.index_select(0, uniq)
+
+    def _advance_carry(self, lk: LengthKernels, uniq: torch.Tensor, onehot: torch.Tensor, increment: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """P <- alpha^n P + increment read through U~ (weights unchanged; exact up to rounding).
+
+        ``rows``: Ucat rows of ``uniq`` (m, K, C) if already gathered."""
         self._chunks_since_sync += 1
         if self._chunks_since_sync >= self.lcfg.resync_chunks:
             self.sync_carry()
             return
-        n, k = cache.data.numel(), self.cfg.n_bands
-        rows = mix_bands(self.cfg, cache.rows.view(-1, k, self.cfg.out_dim))  # (m, K, C)
-        increment = (self._increment.float()[:, :, None] * rows).sum(0)  # (K, C)
-        self.carry = self.carry * self.kern.carry[n][:, None] + increment
+        k, c = self.cfg.n_bands, self.cfg.out_dim
+        if rows is None:
+            rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
+        pairs = torch.matmul(lk.last_pairs, onehot)  # (K, 2, m): band_pairs of the increment, float32
+        self.carry = torch.addcmul(read_rows(self.cfg, rows, increment, pairs), self.carry, lk.decay[:, None])
 
-    def _update(self, cache, probs, observed, old_traces) -> torch.Tensor:
-        """One SGD step from the chunk's observations. Returns per-band gradient power (K,)."""
-        cfg, k = self.cfg, self.cfg.n_bands
-        grads = backward_chunk(cfg, self.params, cache, probs, observed)
-        seen_idx = self.seen.nonzero().squeeze(1)  # includes this chunk's bytes
-        delta = expand_carry_grad(cfg, old_traces[seen_idx], grads.carry_bands)  # (s, K, C)
-        where = torch.searchsorted(seen_idx, cache.uniq)
-        delta.index_add_(0, where, grads.local_rows)
-        power = delta.pow(2).sum(dim=(0, 2)).to(torch.float64)  # |g_k|^2 summed over observations
-        eta = self.lcfg.eta * self.eta_scale
-        gamma = self.metabolism.gamma().to(torch.float32)  # (K,)
-        delta.mul_((-eta * gamma)[None, :, None])
-        rows = self.params.ucat.view(V, k, -1)
-        new_rows = rows[seen_idx] + delta
-        self.params.w.add_(grads.w, alpha=-eta)
-        self.params.b.add_(grads.b, alpha=-eta)
-        bound = self.lcfg.weight_bound
-        if bound > 0:
-            new_rows.clamp_(-bound, bound)
-            self.params.w.clamp_(-bound, bound)
-            self.params.b.clamp_(-bound, bound)
-        rows[seen_idx] = new_rows
-        self.updates += 1
-        return power
+    def _apply_window(self) -> None:
+        """One SGD step from the window's observations: Ucat rows, W, b, and P kept exact.
+
+        Row (v, k) moves by delta[v, k] = -eta * eta_scale * gamma_obs(k, d) * g[v, k], g the
+        feature-space gradient: every seen row is reached through the window's starting traces
+        T_ref (g = M^T-mix of T_ref[v] (x) D), the window's own byte values also through their
+        own traces. P stays exact for the current traces T: it moves by
+        sum_v T[v, j] (M delta)[v, j] (``read_rows``), no recomputation from all the weights.
+        """
+        cfg, window = self.cfg, self.window
+        k, c = cfg.n_bands, cfg.out_dim
+        carry_grad, own, grad_w, grad_b = window.gradients(cfg.hidden_dim)
+        seen_idx = self.seen.nonzero().squeeze(1)  # (s,) includes the window's byte values
+        eta = self.lcfg.eta * window.eta_scale
+        coef64 = self._band_coef(window.d) * (-eta if eta != 0 else 1.0)  # (K,) per-band step; eta 0 only measures
+        coef = coef64.to(torch.float32)
+        t_ref = window.start.index_select(0, seen_idx)  # (s, K) float64
+        delta = expand_carry_grad(cfg, t_ref, carry_grad, coef)  # (s, K, C)
+        own_values = window.values[: window.used]
+        own_f = own * coef[:, None]  # feature space, scaled: coef_k (own_k - own_{k+1})
+        if cfg.features == "bandpass" and k > 1:
+            own_f[:, :-1].addcmul_(own[:, 1:], coef[:-1, None], value=-1.0)
+        delta.index_add_(0, torch.searchsorted(seen_idx, own_values), own_f)
+        self._power = torch.linalg.vector_norm(delta, dim=2).square().sum(0).to(torch.float64) / (coef64 * coef64)  # |g_k|^2
+        self._power_obs = window.observations
+        if eta != 0:
+            ucat = self.params.ucat.view(V, k * c)
+            ucat.index_add_(0, seen_idx, delta.view(-1, k * c))
+            self.params.w.add_(grad_w, alpha=-eta)
+            self.params.b.add_(grad_b, alpha=-eta)
+            self.updates += 1
+            bound = self.lcfg.weight_bound
+            if bound > 0:
+                ucat.index_copy_(0, seen_idx, ucat.index_select(0, seen_idx).clamp_(-bound, bound))
+                self.params.w.clamp_(-bound, bound)
+                self.params.b.clamp_(-bound, bound)
+                self.sync_carry()  # clamping is not linear: recompute P
+            else:
+                t_now = self.traces.index_select(0, seen_idx).to(torch.float32)  # (s, K)
+                self.carry = self.carry + read_rows(cfg, delta, t_now)  # P moves by sum_v T[v, j] (M delta)[v, j]
+        window.reset()
+
+    def _band_coef(self, d: float) -> torch.Tensor:
+        """gamma_obs(k, d) (K,) float64, remembered for the last d asked."""
+        if self._gamma_d != d:
+            self._gamma = band_confidence(self.cfg.base, self.cfg.n_bands, d)
+            self._gamma_d = d
+        return self._gamma
 
     def check_finite(self) -> None:
         if not self.params.all_finite() or not bool(torch.isfinite(self.carry).all()):

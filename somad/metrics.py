@@ -194,7 +194,7 @@ class Metrics:
         # --- ingestion
         self.bytes = Counter("bytes", "Bytes read from the stream's source and scored.", **per_stream)
         self.records = Counter("records", "Records (lines, messages, frames) scored.", **per_stream)
-        self.dropped_bytes = Counter("dropped_bytes", "Bytes lost before scoring: dropped by the source or by a full queue.", **per_stream)
+        self.dropped_bytes = Counter("dropped_bytes", "Bytes not learned: dropped by the source or by a full queue, or read by a model that was then rolled back.", **per_stream)
         self.cut_records = Counter("cut_records", "Records cut short at the framing's max_record_bytes.", **per_stream)
         self.latency = Histogram("score_latency_seconds", "Seconds from a chunk's arrival to its bytes being scored.", buckets=LATENCY_BUCKETS, **per_stream)
         # --- model and scores
@@ -332,8 +332,8 @@ class StreamMetrics:
 
         ``bits``: the loss of each scored byte (a list, numpy array or CPU tensor), for the
         bits/byte histogram. ``anomaly``: the latest record's score. ``latency_seconds``: arrival
-        to score, one value per chunk. ``dropped_bytes``: lost by the queue before scoring
-        (source drops come through ``set_source``). ``cut_records``: cut at max_record_bytes.
+        to score, one value per chunk. ``dropped_bytes``: lost by the queue before scoring,
+        or read by a model then rolled back (source drops come through ``set_source``). ``cut_records``: cut at max_record_bytes.
         """
         if bytes < 0 or records < 0 or dropped_bytes < 0 or cut_records < 0:
             raise ValueError(f"stream {self.name!r}: batch counts must be >= 0, got bytes={bytes} records={records} dropped_bytes={dropped_bytes} cut_records={cut_records}")

@@ -7,7 +7,7 @@ Pure mathematics, no I/O. Read top to bottom:
    (identity for raw traces, bidiagonal for bandpass ``B_k = T_k - T_{k+1}``).
 3. ``SomaParams``: the learnable tensors, with the readout ``U`` and the direct readout ``Wd``
    stored side by side as one matrix ``Ucat`` so that one GEMM serves both.
-4. ``ChunkKernels`` and ``forward_chunk`` / ``backward_chunk``: the fast exact path. The
+4. ``ChunkKernels`` and ``forward_chunk`` / ``backward_chunk``: the exact chunked path. The
    weights are fixed inside a chunk of n bytes, so the n predictions are computed together:
        features(t) = (alpha^t * T0) M  +  local(t)
    The first (carry) term collapses to ``sum_j alpha_j^t P_j`` with ``P_j = T0[:, j]^T U~_j``
@@ -15,7 +15,11 @@ Pure mathematics, no I/O. Read top to bottom:
    occur inside the chunk, so it is a small dense GEMM. Cost per byte is
    O(m*K*(H+256) + H*256) where m is the number of distinct byte values in the chunk,
    instead of O(256*K*(H+256)) for the naive forward.
-5. ``naive_logits``: the textbook forward from a full trace bank, the reference for tests.
+5. The fast path the learner runs (``forward_modes``, ``read_rows``, ``output_gradient``):
+   the local lag kernel of a chunk, K exponentials sampled at n lags, has numerical rank
+   r ~ 10 whatever K is (``lag_modes``), so the local GEMM runs in r lag modes against
+   weights projected once (``project_rows``): O(m*r*(H+256)) per byte.
+6. ``naive_logits``: the textbook forward from a full trace bank, the reference for tests.
 
 Shapes: V = 256 byte values, K bands, H hidden units, n bytes in a chunk, m distinct byte
 values in the chunk, s "seen" byte values (rows of the trace bank that are non-zero).
@@ -216,12 +220,80 @@ def mix_bands(cfg: SomaConfig, rows: torch.Tensor) -> torch.Tensor:
 def carry_state(cfg: SomaConfig, params: SomaParams, traces: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """P (K, out_dim): P_j = sum_v T[v, j] U~[v, j, :] over the seen rows, exactly."""
     k = cfg.n_bands
-    rows = params.ucat.view(V, k, -1)[seen]  # (s, K, C)
-    t = traces[seen].to(torch.float32)  # (s, K)
-    return torch.einsum("vj,vjc->jc", t, mix_bands(cfg, rows))
+    idx = seen.nonzero().squeeze(1)  # (s,)
+    rows = params.ucat.view(V, -1).index_select(0, idx).view(-1, k, cfg.out_dim)  # (s, K, C)
+    return read_rows(cfg, rows, traces.index_select(0, idx).to(torch.float32))
 
 
 # --------------------------------------------------------------------------- chunked forward
+
+
+LAG_MODE_TOL = 1e-8  # lag modes kept: singular values above this fraction of the largest
+
+
+def lag_kernel(cfg: SomaConfig, n: int) -> torch.Tensor:
+    """L (n, K) float64: feature k of a byte seen ``lag`` bytes before a prediction, lag = 0..n-1.
+
+    L[lag, k] = sum_j (1 - alpha_j) alpha_j^lag M[j, k]: every local feature of a chunk is a sum
+    of these rows, one per earlier byte of the chunk.
+    """
+    alpha = decays(cfg)
+    lags = torch.arange(n, dtype=torch.float64)[:, None]
+    return ((1.0 - alpha) * alpha**lags) @ feature_matrix(cfg)
+
+
+def lag_modes(cfg: SomaConfig, n: int, tol: float = LAG_MODE_TOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-rank factors of the lag kernel: L ~= A @ B, A (n, r), B (r, K), float64.
+
+    K exponentials sampled at n lags span only about a dozen dimensions (the slow bands are
+    nearly polynomial over a chunk), so r is small whatever K is; r keeps every singular value
+    above ``tol`` times the largest, which leaves an error far below float32 rounding.
+
+    >>> a, b = lag_modes(preset("small"), 64)
+    >>> a.shape[1] < 24 and bool(((a @ b) - lag_kernel(preset("small"), 64)).abs().max() < 1e-9)
+    True
+    """
+    u, s, vh = torch.linalg.svd(lag_kernel(cfg, n), full_matrices=False)
+    r = max(1, int((s > tol * s[0]).sum()))
+    return u[:, :r] * s[:r], vh[:r]
+
+
+@dataclass(frozen=True)
+class SpanKernels:
+    """Lag-mode matrices for chunks of up to ``span`` bytes; a shorter chunk uses the top-left
+    part (its lags are a subset). Spans are powers of two (and max_chunk), so the memory of all
+    of them stays within 2x of the largest."""
+
+    span: int
+    proj: torch.Tensor  # (r, K) float32: B of lag_modes(cfg, span); weights are read through it (project_rows)
+    modes: torch.Tensor  # (span, r*span) float32: modes[s, (q, t)] = A[t-1-s, q] for s < t, else 0
+    in_chunk: torch.Tensor  # (span, K*span) float32: in_chunk[s, (k, t)] = (1-alpha_k) alpha_k^(t-1-s) for s < t: trace k at t from byte s
+    in_chunk_by_t: torch.Tensor  # (span, K, span) float32: the same as [t, k, s], to pick a few t
+
+    @property
+    def rank(self) -> int:
+        return self.proj.shape[0]
+
+
+@dataclass(frozen=True)
+class LengthKernels:
+    """The constant matrices for chunks of exactly n bytes: views, no memory of their own."""
+
+    n: int
+    lags: SpanKernels  # the lag-mode matrices of the smallest span >= n
+    carry: torch.Tensor  # (n, K) float32: alpha_j^t, decay of the state entering the chunk
+    decay64: torch.Tensor  # (K,) float64: alpha^n, decay over the whole chunk
+    decay: torch.Tensor  # (K,) float32: the same
+    last64: torch.Tensor  # (n, K) float64: (1-alpha_k) alpha_k^(n-1-s), trace increment per byte
+    last_pairs: torch.Tensor  # (K, 2, n) float32: [j, 0] = last[:, j], [j, 1] = last[:, j+1] (0 for j = K-1), see read_rows
+
+    @property
+    def rank(self) -> int:
+        return self.lags.rank
+
+    @property
+    def span(self) -> int:
+        return self.lags.span
 
 
 class ChunkKernels:
@@ -230,9 +302,12 @@ class ChunkKernels:
     carry[t, j]    = alpha_j^t                      (n+1, K): decay of the state entering the chunk
     local[k, t, s] = sum_j (1-alpha_j) alpha_j^(t-1-s) M[j, k]  for s < t   (K, n, n): features
     last[k, s]     = (1-alpha_k) alpha_k^(n-1-s)    (K, n): trace increment over a full chunk
+    ``at(n)`` gives the learner's kernels for an n-byte chunk; ``rank`` is the largest number
+    of lag modes any span up to n needs.
     """
 
     def __init__(self, cfg: SomaConfig, n: int):
+        self.cfg = cfg
         self.n = n
         alpha = decays(cfg)
         t = torch.arange(n + 1, dtype=torch.float64)
@@ -247,10 +322,58 @@ class ChunkKernels:
         feat = torch.einsum("jts,jk->kts", trace_kernel[:, :n], mix)
         self.local = feat.to(torch.float32).contiguous()  # (K, n, n)
         self.trace_kernel = trace_kernel  # float64, rows 0..n
+        pairs = torch.zeros(cfg.n_bands, 2, n + 1, n)  # [j, a, t, s] = trace_kernel[j + a, t, s] (0 past band K)
+        pairs[:, 0] = trace_kernel
+        pairs[:-1, 1] = trace_kernel[1:]
+        self._last_pairs = pairs  # row t = n holds band_pairs of last_row(n), for every n
+        self.rank = lag_modes(cfg, max(n, 1))[1].shape[0]  # the rank grows with the span
+        self._spans: dict[int, SpanKernels] = {}
+        self._by_length: dict[int, LengthKernels] = {}
 
     def last_row(self, n: int) -> torch.Tensor:
         """(K, n) float64: weight of each byte of an n-byte chunk in the traces after it."""
         return self.trace_kernel[:, n, :n]
+
+    def span_for(self, n: int) -> int:
+        """The span whose lag modes serve an n-byte chunk: the next power of two, at most self.n."""
+        return min(self.n, 1 << max(0, n - 1).bit_length())
+
+    def at(self, n: int) -> LengthKernels:
+        """Kernels for an n-byte chunk (1 <= n <= self.n)."""
+        kern = self._by_length.get(n)
+        if kern is None:
+            if not 1 <= n <= self.n:
+                raise ValueError(f"chunk length {n} outside 1..{self.n}")
+            kern = LengthKernels(
+                n=n,
+                lags=self._span(self.span_for(n)),
+                carry=self.carry[:n],
+                decay64=self.carry64[n],
+                decay=self.carry[n],
+                last64=self.last_row(n).t(),
+                last_pairs=self._last_pairs[:, :, n, :n],
+            )
+            self._by_length[n] = kern
+        return kern
+
+    def _span(self, span: int) -> SpanKernels:
+        kern = self._spans.get(span)
+        if kern is None:
+            k = self.trace_kernel.shape[0]
+            a, b = lag_modes(self.cfg, span)  # (span, r), (r, K)
+            t = torch.arange(span)
+            lag = t[None, :] - t[:, None] - 1  # [s, t] = t - 1 - s
+            modes = a[lag.clamp(min=0)] * (lag >= 0)[:, :, None]  # (s, t, r)
+            within = self.trace_kernel[:, :span, :span]  # (K, t, s)
+            kern = SpanKernels(
+                span=span,
+                proj=b.to(torch.float32).contiguous(),
+                modes=modes.permute(0, 2, 1).reshape(span, -1).to(torch.float32).contiguous(),
+                in_chunk=within.permute(2, 0, 1).reshape(span, k * span).to(torch.float32).contiguous(),
+                in_chunk_by_t=within.permute(1, 0, 2).to(torch.float32).contiguous(),
+            )
+            self._spans[span] = kern
+        return kern
 
 
 @dataclass
@@ -344,17 +467,124 @@ def backward_chunk(
     return ChunkGrads(local_rows, carry_bands, grad_w, grad_b)
 
 
-def expand_carry_grad(cfg: SomaConfig, traces_seen: torch.Tensor, carry_bands: torch.Tensor) -> torch.Tensor:
-    """Carry part of the U/Wd gradient for the seen rows: (s, K, C).
+def expand_carry_grad(cfg: SomaConfig, traces_seen: torch.Tensor, carry_bands: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
+    """Carry part of the U/Wd gradient for the seen rows: (s, K, C), times coef[k] if given.
 
     grad[v, k] = sum_j T0[v, j] M[j, k] D_j. M is the identity (traces) or bidiagonal
-    (bandpass: M[k, k] = 1, M[k+1, k] = -1), so this is elementwise, O(s*K*C).
+    (bandpass: M[k, k] = 1, M[k+1, k] = -1), so this is elementwise, O(s*K*C). ``coef`` (K,)
+    scales band k of the result (the learner's -eta * gamma_obs) at no extra pass.
     """
     t = traces_seen.to(torch.float32)[:, :, None]  # (s, K, 1)
-    grad = t * carry_bands[None]  # (s, K, C): T0[v, k] D_k
-    if cfg.features == "bandpass":
-        grad[:, :-1] -= grad[:, 1:].clone()  # - T0[v, k+1] D_{k+1}
+    d = carry_bands if coef is None else carry_bands * coef[:, None]
+    grad = t * d[None]  # (s, K, C): T0[v, k] D_k
+    if cfg.features == "bandpass" and cfg.n_bands > 1:
+        d_next = carry_bands[1:] if coef is None else carry_bands[1:] * coef[:-1, None]  # (K-1, C)
+        grad[:, :-1].addcmul_(t[:, 1:], d_next[None], value=-1.0)  # - T0[v, k+1] D_{k+1}
     return grad
+
+
+# --------------------------------------------------------------------------- fast path (lag modes)
+#
+# What the learner runs. The same mathematics as forward_chunk / backward_chunk, arranged for
+# fewer multiply-adds and fewer tensor operations per chunk:
+# - the local features of a chunk are formed in the r lag modes (``ChunkKernels.proj``), so the
+#   local GEMM is (n x m*r) @ (m*r x C) against weights projected once (``project_rows``);
+# - gradients are kept in trace space (before the band mixing M) so that the gradients of
+#   several chunks can be summed cheaply before one update (see ``learner.GradientWindow``).
+
+
+def chunk_values(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uniq (m,) sorted distinct byte values, onehot (n, m) float32) of a chunk (n,) long.
+
+    >>> uniq, onehot = chunk_values(torch.tensor([7, 3, 7]))
+    >>> uniq.tolist(), onehot.tolist()
+    ([3, 7], [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    """
+    uniq = torch.bincount(data, minlength=V).nonzero().squeeze(1)  # (m,)
+    return uniq, (data[:, None] == uniq[None, :]).to(torch.float32)
+
+
+def project_rows(lk: LengthKernels, rows: torch.Tensor) -> torch.Tensor:
+    """Weights read in lag modes: (m, K, C) rows of Ucat -> (m, r, C), row v = proj @ Ucat[v]."""
+    return torch.matmul(lk.lags.proj, rows)
+
+
+def forward_modes(
+    cfg: SomaConfig,
+    params: SomaParams,
+    lk: LengthKernels,
+    carry_p: torch.Tensor,
+    onehot: torch.Tensor,
+    projected: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (n, H), logits (n, 256)) for a chunk, with ``projected`` = project_rows of its values.
+
+    Equal to forward_chunk up to the lag-mode truncation (below float32 rounding).
+    """
+    n, m = onehot.shape
+    r, span = lk.rank, lk.span
+    y = (onehot.t() @ lk.lags.modes[:n]).view(m, r, span)[:, :, :n].permute(2, 0, 1).reshape(n, m * r)  # (n, m*r): lag-mode features
+    zc = torch.addmm(lk.carry @ carry_p, y, projected.view(m * r, -1))  # (n, C)
+    hdim = cfg.hidden_dim
+    h = fast_activate(cfg, zc[:, :hdim])  # (n, H)
+    logits = torch.addmm(params.b, h, params.w)  # (n, 256)
+    if cfg.direct_readout:
+        logits += zc[:, hdim:]
+    return h, logits
+
+
+def fast_activate(cfg: SomaConfig, z: torch.Tensor) -> torch.Tensor:
+    """``activate``, with tanh as 2 sigmoid(2z) - 1: several times faster than torch.tanh on
+    CPU, equal to it within 2e-7 (absolute)."""
+    if cfg.activation != "tanh":
+        return activate(cfg, z)
+    return torch.sigmoid(z * 2.0).mul_(2.0).sub_(1.0)
+
+
+def band_pairs(coef: torch.Tensor) -> torch.Tensor:
+    """(s, K) -> (K, 2, s): [j, 0] = coef[:, j], [j, 1] = coef[:, j+1] (zero for the last band)."""
+    pairs = coef.new_zeros(coef.shape[1], 2, coef.shape[0])
+    pairs[:, 0] = coef.t()
+    pairs[:-1, 1] = coef[:, 1:].t()
+    return pairs
+
+
+def read_rows(cfg: SomaConfig, rows: torch.Tensor, coef: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_v coef[v, j] U~[v, j, :] (K, C) for rows (s, K, C) of Ucat and coef (s, K) float32.
+
+    With coef = traces this is the carried state P (``carry_state``); with coef = a chunk's
+    trace increments, what the chunk adds to P. U~ = M U is never formed: for bandpass
+    U~_j = U_j - U_{j-1}, so band j of the result also pairs coef band j with weight band
+    j - 1. Both come from one batched GEMM over bands with ``band_pairs(coef)`` (which may be
+    passed in as ``pairs`` when already at hand).
+
+    >>> cfg = SomaConfig(n_bands=3, hidden_dim=2, direct_readout=False)
+    >>> rows, coef = torch.randn(5, 3, 2), torch.rand(5, 3)
+    >>> ref = torch.einsum("vj,vjc->jc", coef, mix_bands(cfg, rows))
+    >>> bool(torch.allclose(read_rows(cfg, rows, coef), ref, atol=1e-6))
+    True
+    """
+    if cfg.features == "traces":
+        first = coef.t().unsqueeze(1) if pairs is None else pairs[:, :1]  # (K, 1, s)
+        return torch.bmm(first, rows.transpose(0, 1)).squeeze(1)  # (K, C)
+    pairs = band_pairs(coef) if pairs is None else pairs  # (K, 2, s)
+    out = torch.bmm(pairs, rows.transpose(0, 1))  # (K, 2, C): sum_v coef_j U_j, sum_v coef_{j+1} U_j
+    out[1:, 0] -= out[:-1, 1]
+    return out[:, 0]
+
+
+def output_gradient(cfg: SomaConfig, params: SomaParams, h: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor, dz: torch.Tensor, g: torch.Tensor) -> None:
+    """Write g (o, 256) and dz (o, H) for o observed positions into the given tensors.
+
+    g = softmax - onehot(target) is the gradient of the loss (nats) at the logits,
+    dz = (g W^T) * act'(z) at the hidden pre-activations. The gradient for Ucat row (v, k) is
+    sum_t x_t[v, k] dZ_t with dZ = [dz | g] (dz alone without a direct readout); for W it is
+    h^T g, for b the sum of g.
+    """
+    torch.exp(logp, out=g)
+    g[torch.arange(g.shape[0]), targets] -= 1.0
+    torch.mm(g, params.w.t(), out=dz)
+    dz.mul_(activation_grad(cfg, h))
 
 
 # --------------------------------------------------------------------------- reference
@@ -371,9 +601,21 @@ def naive_logits(cfg: SomaConfig, params: SomaParams, traces: torch.Tensor) -> t
     return logits[0]
 
 
-def macs_per_byte(cfg: SomaConfig, distinct_per_chunk: float, chunk: int, observe_fraction: float = 0.0) -> float:
-    """Multiply-adds per byte executed by forward_chunk (and backward_chunk for observations)."""
-    k, c, h = cfg.n_bands, cfg.out_dim, cfg.hidden_dim
-    fwd = k * chunk * distinct_per_chunk + distinct_per_chunk * k * c + k * c + h * V
-    bwd = h * V * 2 + distinct_per_chunk * k * c + k * c
-    return fwd + observe_fraction * bwd
+def macs_per_byte(cfg: SomaConfig, distinct_per_chunk: float, chunk: int, observe_fraction: float = 0.0, reproject: bool = False) -> float:
+    """Multiply-adds per byte of the learner's path for chunks of ``chunk`` bytes holding
+    ``distinct_per_chunk`` byte values: ``forward_modes`` and the carried state's advance, plus
+    for each observation (``observe_fraction`` per byte) its gradients (``output_gradient``
+    and the update's GEMMs). ``reproject``: the chunk's rows are projected afresh each chunk
+    (weights updated every chunk, as at d = 0). Leaves out the update's elementwise passes
+    over the seen rows (their cost depends on how many byte values the stream has used).
+
+    >>> round(macs_per_byte(preset("small"), 15.0, 64) / 1e3)  # k MACs/byte, scoring the NAB csv
+    114
+    """
+    k, c, h, m, n = cfg.n_bands, cfg.out_dim, cfg.hidden_dim, distinct_per_chunk, chunk
+    r = lag_modes(cfg, max(1, n))[1].shape[0]
+    fwd = r * n * m + m * r * c + k * c + h * V + 2.0 * m * k * c / n  # lag features, local, carry read, logits, P advance
+    if reproject:
+        fwd += m * r * k * c / n
+    per_obs = 2 * h * V + k * c + m * k * c + k * n * m  # g W^T and h^T g, carry and own-row gradients, in-chunk traces
+    return fwd + observe_fraction * per_obs

@@ -75,6 +75,18 @@ def test_file_stream_scores_every_record_and_resumes_without_skip_or_repeat(tmp_
     assert [e["index"] for e in events] == list(range(1900))  # the scorer's count resumed too
 
 
+def test_an_excess_record_score_gets_each_bytes_entropy_from_the_learner(tmp_path):
+    data = tmp_path / "log.csv"
+    data.write_bytes(csv_lines(0, 300))
+    stream = file_stream(tmp_path) + "    scoring: {record_score: max_excess}\n"
+    with running(parse_config(config_text(tmp_path, stream))) as daemon:
+        wait_for(lambda: learned_bytes(daemon, "log") == data.stat().st_size, what="the file")
+    scores = [e for e in score_events(tmp_path / "log-scores.jsonl") if e["event"] == "score"]
+    assert len(scores) == 300
+    # loss minus entropy: below zero where a byte cost less than the model expected (bits never are)
+    assert min(e["bits"] for e in scores) < 0 < max(e["bits"] for e in scores)
+
+
 def test_metrics_and_health_are_served_while_running(tmp_path):
     (tmp_path / "log.csv").write_bytes(csv_lines(0, 300))
     cfg = parse_config(config_text(tmp_path, file_stream(tmp_path)))

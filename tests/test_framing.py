@@ -187,7 +187,9 @@ def test_ten_megabyte_line_uses_bounded_memory():
     assert [(len(r.data), r.cut) for r in records] == [(4096, True), (5, False)]
     assert framer.cut_bytes == n_chunks * len(chunk) + 1 - 4096
     assert framer.pending_bytes == 0
-    assert peak < 1 << 20, f"framer allocated {peak} bytes at peak for 10 MiB of input"
+    # A push holds its chunk's [bits, entropy] rows (16 B a byte: 1 MiB for 64 KiB); a line
+    # buffered whole would take more than 10 MiB.
+    assert peak < 2 << 20, f"framer allocated {peak} bytes at peak for 10 MiB of input"
 
 
 @pytest.mark.parametrize(
@@ -263,3 +265,23 @@ def test_bits_must_match_the_bytes():
 def test_escapes():
     assert parse_escapes("\\t\\\\\\0\\xff é") == b"\t\\\x00\xff \xc3\xa9"
     assert parse_escapes("\r\n") == b"\r\n"  # real control characters (YAML double quotes) pass through
+
+
+@pytest.mark.parametrize("cfg", [FramingConfig(), FramingConfig(type="fixed", length=4), FramingConfig(type="message")])
+def test_entropy_travels_with_each_byte_across_chunks(cfg):
+    framer = Framer(cfg)
+    data = b"12.5\n13.1\n"
+    bits, entropy = np.arange(10.0), 100.0 + np.arange(10.0)
+    records = framer.push(data[:3], bits[:3], entropy=entropy[:3]) + framer.push(data[3:], bits[3:], entropy=entropy[3:])
+    assert records
+    for record in records:
+        np.testing.assert_array_equal(record.entropy, record.bits + 100.0)
+
+
+def test_records_have_no_entropy_unless_every_byte_had_one():
+    framer = Framer(FramingConfig())
+    assert framer.push(b"12.5\n", np.ones(5))[0].entropy is None
+    records = framer.push(b"12", np.ones(2)) + framer.push(b".5\n", np.ones(3), entropy=np.ones(3))
+    assert records[0].entropy is None
+    with pytest.raises(ValueError, match="5 bytes but 4 entropy values"):
+        framer.push(b"12.5\n", np.ones(5), entropy=np.ones(4))

@@ -442,33 +442,25 @@ def sensor_lines(seed: int = 0):
         yield f"{value:.1f}\n".encode()
 
 
-class RecordPowerLearner(SomaLearner):
-    """The real learner, also keeping the gradient power per band of its last ``learn`` call
-    (the learner's public ``metabolism.band_power`` is an average over recent chunks)."""
-
-    record_power: torch.Tensor | None = None
-
-    def learn(self, data):
-        self.record_power = None
-        return super().learn(data)
-
-    def _update(self, *args, **kwargs):
-        power = super()._update(*args, **kwargs)
-        self.record_power = power if self.record_power is None else self.record_power + power
-        return power
+def learn_record(learner: SomaLearner, line: bytes) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Learn one record as its own update (as the learner did before gradient windows spanned
+    calls), returning its bits and that update's gradient power per band."""
+    updates = learner.updates
+    bits = learner.learn(line)
+    learner.apply_pending()
+    return bits, learner.last_update_power.numpy() if learner.updates > updates else None
 
 
 @pytest.mark.parametrize("policy", ["reduced", "frozen"])
 def test_each_fault_on_a_real_learner_opens_exactly_one_alert(policy):
-    learner = RecordPowerLearner(preset("tiny"), LearnerConfig())
+    learner = SomaLearner(preset("tiny"), LearnerConfig())
     scorer = StreamScorer("sensor", ScoringConfig(), replace(AlertConfig(), learn_while_open=policy))
     opens = []
     for i, line in enumerate(sensor_lines()):
         factor = scorer.learning_factor()  # the daemon's loop: learn at the policy's rate, or only score
         if factor > 0:
             learner.eta_scale = factor
-            bits = learner.learn(line)
-            power = learner.record_power.numpy() if learner.record_power is not None else None
+            bits, power = learn_record(learner, line)
         else:
             bits, power = learner.score(line), None
         _, events = scorer.score_record(line, bits.numpy(), band_power=power, now=1.7e9 + i)

@@ -27,6 +27,7 @@ from ..events import escape_record
 from ..framing import Framer, FramingConfig
 from ..learner import NumericalFault
 from ..scoring import AlertConfig, ScoringConfig, StreamScorer
+from ..stream import score_and_learn
 from .common import (
     CommandError,
     StopFlag,
@@ -218,17 +219,12 @@ class ScoringRun:
     def feed(self, block: bytes) -> None:
         """Score the block's bytes, then learn from them (slower or not at all while an alert
         is open, per the alert policy), and score and write the records they complete."""
-        factor = self.scorer.learning_factor() if self.learn else 0.0
-        if factor > 0:
-            self.learner.eta_scale = factor
-            bits = self.learner.learn(block)
-        else:
-            bits = self.learner.score(block)
+        bits, entropy = score_and_learn(self.learner, block, self.scorer, learn=self.learn)
         self.learner.eta_scale = 1.0
         bits_np = bits.numpy().astype(np.float64)
         self.tally.bytes += len(block)
         self.tally.bits += float(bits_np.sum())
-        self._emit(self.framer.push(block, bits_np))
+        self._emit(self.framer.push(block, bits_np, entropy=None if entropy is None else entropy.numpy()))
 
     def flush(self) -> None:
         """The last record, even without its terminator."""
@@ -237,7 +233,7 @@ class ScoringRun:
     def _emit(self, records) -> None:
         band_power = self.learner.metabolism.band_power.numpy()
         for record in records:
-            scored, alerts = self.scorer.score_record(record.data, record.bits, band_power=band_power, now=time.time())
+            scored, alerts = self.scorer.score_record(record.data, record.bits, band_power=band_power, entropy=record.entropy, now=time.time())
             self.writer.write(scored, alerts)
             self.tally.records += 1
             self.tally.alerts += sum(a.kind == "open" for a in alerts)

@@ -160,8 +160,9 @@ def test_poisoned_weights_roll_back_to_the_last_good_checkpoint(tmp_path, feed, 
 
 def test_a_diverging_learning_rate_is_caught_and_rolled_back(tmp_path, feed, json_log):
     """lr = 3 (valid, but far too large): the loss climbs to hundreds of bits per byte without
-    ever becoming NaN. A chunk that costs more than 32 bits per byte on average (4x what a
-    model that knows nothing pays) is a diverged step: rolled back like a NaN."""
+    ever becoming NaN. A chunk that costs more than 100 bits per byte on average (12x what a
+    model that knows nothing pays) is a diverged step: rolled back like a NaN, its bytes
+    counted as dropped (the model that read them is gone)."""
     with InProcessDaemon(config_text(tmp_path, feed, lr=0.1)) as running:  # a good checkpoint first
         learn(running, feed, lines(0, 200), until_bytes=200 * LINE)
         good = running.model("num").checkpoint_id
@@ -170,6 +171,9 @@ def test_a_diverging_learning_rate_is_caught_and_rolled_back(tmp_path, feed, jso
         for start in range(200, 1000, 100):
             FeedSource.feeds[feed].put(lines(start, 100))
         wait_until(lambda: running.metric("somad_rollbacks_total", stream="num") >= 2, 60, "rollbacks")
+        accounted = lambda: running.metric("somad_bytes_total", stream="num") + running.metric("somad_dropped_bytes_total", stream="num")  # noqa: E731
+        wait_until(lambda: accounted() == 800 * LINE, 60, f"800 lines learned or counted as dropped (at {accounted()})")
+        assert running.metric("somad_dropped_bytes_total", stream="num") > 0
         faults = json_log("numerical_fault_rolled_back")
         assert faults and all("diverged" in e["error"] for e in faults), faults[:2]
         assert faults[0]["to"] == good[:12]
