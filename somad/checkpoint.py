@@ -8,8 +8,9 @@ A checkpoint is a ``torch.save`` of a plain dict (tensors, numbers, strings, lis
 - ``state``: ``SomaLearner.state_dict()``: U, W, b, Wd (with a direct readout), the trace
   bank in float64, the carried state, ``bytes_seen``, the metabolism's statistics;
 - ``extra``: what the caller keeps beside the model (scorer statistics, a file offset);
-- ``checkpoint_history``: ancestor ids, oldest first; ``checkpoint_parents``: the direct
-  parents (one for a snapshot, several for a merge, none for a fresh model);
+- ``checkpoint_history``: ancestor ids, oldest first (the last ``MAX_HISTORY``);
+  ``checkpoint_parents``: the direct parents (one for a snapshot, several for a merge, none
+  for a fresh model);
 - ``checkpoint_id``: SHA-256 over all of the above (see ``compute_id``), so that the same
   state has the same id on any machine, and the lineage cannot be rewritten without changing
   the id (as a git commit covers its parents);
@@ -221,6 +222,9 @@ def check_compatible(a: SomaConfig, b: SomaConfig, names: tuple[str, ...] = COMP
 # --------------------------------------------------------------------------- writing
 
 
+MAX_HISTORY = 1024  # ancestor ids kept in a checkpoint (66 KB), the most recent ones
+
+
 def build_payload(
     learner: SomaLearner,
     *,
@@ -230,9 +234,13 @@ def build_payload(
     extra: dict | None = None,
 ) -> dict:
     """The dict a checkpoint file holds, its id computed. Refuses non-finite weights, ids that
-    are not SHA-256 hex, and extra values that cannot be stored (naming the entry)."""
+    are not SHA-256 hex, and extra values that cannot be stored (naming the entry). Only the
+    last ``MAX_HISTORY`` ancestors are kept: a daemon snapshotting every minute would otherwise
+    add 3.6 MB a year to every file (each id still covers the history it keeps, and that
+    history covers the ids before it)."""
     history = tuple(history)
     parents = tuple(history[-1:] if parents is None else parents)
+    history = history[-MAX_HISTORY:]
     for ident in (*history, *parents):
         if not isinstance(ident, str) or not _ID_PATTERN.match(ident):
             raise CheckpointError(f"history: {ident!r} is not a checkpoint id (64 lowercase hex digits)")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from somad.checkpoint import (
+    MAX_HISTORY,
     Checkpoint,
     CheckpointError,
     CheckpointStore,
@@ -56,6 +57,14 @@ def assert_same_state(a: dict, b: dict, where: str = "state") -> None:
 
 
 # --------------------------------------------------------------------------- round trip
+
+
+def test_history_keeps_only_the_most_recent_ancestors(tmp_path):
+    history = tuple(f"{i:064x}" for i in range(MAX_HISTORY + 100))  # a long-lived daemon's snapshots
+    cid = save_checkpoint(tmp_path / "m.pt", trained(), history=history)
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt.checkpoint_id == cid
+    assert ckpt.history == history[-MAX_HISTORY:] and ckpt.parents == history[-1:]
 
 
 @pytest.mark.parametrize("cfg", [preset("tiny"), preset("tiny", direct_readout=True, features="traces", n_bands=8)], ids=["tiny", "direct"])
