@@ -2,10 +2,10 @@
 
 - ``/metrics``: the registry in Prometheus text format, served by client_python's own WSGI
   app (content negotiation for OpenMetrics, gzip, ``name[]`` filters, exactly as the client does);
-- ``/healthz``: ``200 {"status": "ok", "streams": {...}}`` when every stream is alive, ``503``
-  with ``"status": "unhealthy"`` otherwise; the per-stream dicts come from the ``health``
-  callable the daemon passes in (each must hold ``alive``; it is called from the request's
-  thread, so it must be thread-safe);
+- ``/healthz``: ``200 {"status": "ok", "streams": {...}}`` when every stream is alive and not
+  wedged, ``503`` with ``"status": "unhealthy"`` otherwise; the per-stream dicts come from
+  the ``health`` callable the daemon passes in (each must hold ``alive``, and may hold
+  ``wedged``; it is called from the request's thread, so it must be thread-safe);
 - 404 anywhere else. Requests are not logged (a scrape every 15 s is not news).
 
 >>> parse_listen("127.0.0.1:9464"), parse_listen("[::1]:0"), parse_listen(":9100")
@@ -140,11 +140,14 @@ class MetricsServer:
 
 
 def health_report(health: HealthFn) -> tuple[str, dict]:
-    """(HTTP status, JSON body) for ``/healthz``: ok only when every stream says ``alive``.
+    """(HTTP status, JSON body) for ``/healthz``: ok only when every stream says ``alive`` and
+    none says ``wedged`` (a worker stuck inside a step: alive, but learning nothing).
 
     >>> health_report(lambda: {"a": {"alive": True}})
     ('200 OK', {'status': 'ok', 'streams': {'a': {'alive': True}}})
     >>> health_report(lambda: {"a": {"alive": True}, "b": {"alive": False}})[0]
+    '503 Service Unavailable'
+    >>> health_report(lambda: {"a": {"alive": True, "wedged": True}})[0]
     '503 Service Unavailable'
     """
     try:
@@ -152,9 +155,9 @@ def health_report(health: HealthFn) -> tuple[str, dict]:
     except Exception as exc:  # a broken health callback means we cannot vouch for anything
         log.exception("health check failed")
         return "503 Service Unavailable", {"status": "error", "error": f"{type(exc).__name__}: {exc}", "streams": {}}
-    alive = all(bool(info.get("alive", False)) for info in streams.values())
-    status = "200 OK" if alive else "503 Service Unavailable"
-    return status, {"status": "ok" if alive else "unhealthy", "streams": streams}
+    healthy = all(bool(info.get("alive", False)) and not info.get("wedged", False) for info in streams.values())
+    status = "200 OK" if healthy else "503 Service Unavailable"
+    return status, {"status": "ok" if healthy else "unhealthy", "streams": streams}
 
 
 def _reply(start_response, status: str, body: bytes, content_type: str, extra_headers=()):

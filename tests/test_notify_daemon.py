@@ -325,7 +325,8 @@ def test_watchdog_pings_stop_while_a_worker_is_wedged_and_resume_after(tmp_path,
     time.sleep(3.5)  # three ping intervals and more
     assert systemd.count("WATCHDOG=1") == pings, "watchdog pings went on while the worker was wedged"
     assert daemon.poll() is None
-    assert daemon.health()["streams"]["sim"]["wedged"] is True
+    health = daemon.health()
+    assert health["streams"]["sim"]["wedged"] is True and health["status"] == "unhealthy"  # /healthz answered 503
     assert systemd.wait("STATUS=", after=1, contains="WEDGED", process=daemon).startswith("STATUS=1 streams sim:")
 
     # Released: the worker comes back and the pings resume.
