@@ -5,13 +5,15 @@ written in the csv, plus "\\n", one row at a time. Each file gets a fresh model 
 scorer with the same configuration (nothing tuned per file), and goes through the daemon's
 path for one stream: the ``lines`` framer, ``SomaLearner.learn`` (every byte scored before it
 is learned), and ``StreamScorer.score_record``, whose ``learning_factor()`` decides whether the
-next row is learned normally, at a reduced rate, or only scored (``learn_while_open``). The
-per-row anomaly score in [0, 1] is what NAB scores; thresholds come only from NAB's
-optimisation over the whole corpus, as for every published detector.
+next row is learned normally, at a reduced rate, or only scored (``learn_while_open``). What
+NAB scores per row is what the daemon's alert machine judges (``StreamScorer.last_trigger``):
+the row's anomaly score in [0, 1] where it is an onset (the highest of the last
+``onset_records`` rows), else 0; thresholds come only from NAB's optimisation over the whole
+corpus, as for every published detector.
 
-Variants for ablations: each of ``--preset``, ``--record-score``, ``--learn-while-open`` and
-``--metabolism`` takes a comma-separated list; every combination is one NAB run and one row
-of the table (defaults: the daemon's).
+Variants for ablations: each of ``--preset``, ``--detector``, ``--record-score`` (surprise
+only), ``--learn-while-open`` and ``--metabolism`` takes a comma-separated list; every
+combination is one NAB run and one row of the table (defaults: the daemon's).
 
     ./dev bench nab                                        # all 58 files, defaults (minutes)
     ./dev bench nab --learn-while-open normal,reduced,frozen
@@ -39,7 +41,7 @@ from somad.framing import Framer, FramingConfig
 from somad.learner import LearnerConfig, SomaLearner
 from somad.metabolism import MetabolismConfig
 from somad.model import PRESETS, preset
-from somad.scoring import LEARNING_POLICIES, RECORD_SCORES, AlertConfig, ScoringConfig, StreamScorer
+from somad.scoring import DETECTORS, LEARNING_POLICIES, RECORD_SCORES, AlertConfig, ScoringConfig, StreamScorer
 from somad.stream import score_and_learn
 
 from . import nab_scorer as nab
@@ -65,6 +67,7 @@ class Variant:
     """One somad configuration run on every file (a row of the table)."""
 
     preset: str = "small"  # model preset, as ``model: {preset: ...}`` in the daemon's config
+    detector: str = ScoringConfig().detector  # novelty (record prefixes, all time) or surprise (soma's loss)
     record_score: str = ScoringConfig().record_score  # how a row's byte losses become one number
     learn_while_open: str = AlertConfig().learn_while_open  # the model's learning while an alert is open
     metabolism: str = "adaptive"  # "adaptive" (the daemon's) or "fixed" at d = 0
@@ -72,6 +75,8 @@ class Variant:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise SystemExit(f"--preset: unknown {self.preset!r}; choose from {sorted(PRESETS)}")
+        if self.detector not in DETECTORS:
+            raise SystemExit(f"--detector: unknown {self.detector!r}; choose from {list(DETECTORS)}")
         if self.record_score not in RECORD_SCORES:
             raise SystemExit(f"--record-score: {self.record_score!r} not available; choose from {list(RECORD_SCORES)}")
         if self.learn_while_open not in LEARNING_POLICIES:
@@ -81,14 +86,16 @@ class Variant:
 
     @property
     def tag(self) -> str:
-        return f"{self.preset}-{self.record_score}-{self.learn_while_open}-{self.metabolism}"
+        scored_by = self.detector if self.detector == "novelty" else self.record_score
+        return f"{self.preset}-{scored_by}-{self.learn_while_open}-{self.metabolism}"
 
     def learner(self) -> SomaLearner:
         metabolism = MetabolismConfig(mode="fixed", d=0.0) if self.metabolism == "fixed" else MetabolismConfig()
         return SomaLearner(preset(self.preset), LearnerConfig(metabolism=metabolism))
 
     def scorer(self, stream: str) -> StreamScorer:
-        return StreamScorer(stream, replace(ScoringConfig(), record_score=self.record_score), replace(AlertConfig(), learn_while_open=self.learn_while_open))
+        scoring = replace(ScoringConfig(), detector=self.detector, record_score=self.record_score)
+        return StreamScorer(stream, scoring, replace(AlertConfig(), learn_while_open=self.learn_while_open))
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ class FileRun:
     """What one file produced under one variant."""
 
     name: str  # NAB file, e.g. "realKnownCause/nyc_taxi.csv"
-    anomaly: np.ndarray  # (rows,) anomaly score of each row, in [0, 1]
+    anomaly: np.ndarray  # (rows,) what the alert machine judged at each row (the anomaly at an onset, else 0), in [0, 1]
     bits: np.ndarray  # (rows,) record score of each row (bits)
     tail: np.ndarray  # (rows,) the scorer's tail probability behind each anomaly score (1.0 during grace)
     n_bytes: int  # bytes fed (value text + "\n" per row)
@@ -125,7 +132,7 @@ def run_rows(variant: Variant, name: str, timestamps: list[str], values: list[st
         band_power = learner.metabolism.band_power.numpy()
         scored, opened = scorer.score_record(records[0].data, records[0].bits, band_power=band_power, entropy=records[0].entropy, now=now)
         spent += time.process_time() - t0
-        anomaly[i], bits[i], tail[i] = scored.anomaly, scored.bits, scorer.last_tail
+        anomaly[i], bits[i], tail[i] = scorer.last_trigger, scored.bits, scorer.last_tail
         alerts += sum(a.kind == "open" for a in opened)
         n_bytes += len(line)
     return FileRun(name, anomaly, bits, tail, n_bytes, spent, alerts)
@@ -209,13 +216,14 @@ def variants_table(summaries: list[dict]) -> str:
 
 def variants_from(args) -> list[Variant]:
     defaults = Variant()
-    lists = [split_list(getattr(args, key)) or [getattr(defaults, key)] for key in ("preset", "record_score", "learn_while_open", "metabolism")]
+    lists = [split_list(getattr(args, key)) or [getattr(defaults, key)] for key in ("preset", "detector", "record_score", "learn_while_open", "metabolism")]
     return [Variant(*combo) for combo in itertools.product(*lists)]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench.nab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", help=f"model preset(s), comma-separated (default: {Variant().preset})")
+    ap.add_argument("--detector", help=f"detector(s): {'|'.join(DETECTORS)} (default: {Variant().detector})")
     ap.add_argument("--record-score", help=f"record score(s): {'|'.join(RECORD_SCORES)} (default: {Variant().record_score})")
     ap.add_argument("--learn-while-open", help=f"learning while an alert is open: {'|'.join(LEARNING_POLICIES)} (default: {Variant().learn_while_open})")
     ap.add_argument("--metabolism", help=f"{'|'.join(METABOLISMS)} (default: {Variant().metabolism})")

@@ -17,10 +17,7 @@ learner in one ``learn()`` call rather than row by row: with every byte learned,
 differ only in where chunks end inside a ``batch`` of observations (same weights, same
 gradients; float rounding aside). Metabolism fixed at d = 0: every byte an observation.
 
-Entropy comes from the logits ``forward_modes`` hands to ``SomaLearner._step``; the learner
-does not return them, so ``EntropyLearner`` wraps that one function (in this process only)
-and keeps the entropy of each chunk's predictions, leaving the learner's code and results as
-they are.
+Entropy comes from ``SomaLearner.learn_with_entropy`` (the daemon's own path).
 """
 
 from __future__ import annotations
@@ -43,51 +40,15 @@ CACHE_DIR = OUT_DIR / "nab_cache"
 ONSET_ROWS = 200  # onsets: rows a new high must beat before it counts again (best of 50/100/200/400 on small)
 HTM_AVERAGING = 2  # records averaged before judging (HTM: 10; best of 1/2/3/5/10 on small)
 OFFSETS = 32  # per-offset statistics for the first offsets of a row; later bytes share the last slot
-LN2 = math.log(2.0)
 
 
 # ------------------------------------------------------------------ the model pass (slow, cached)
 
 
-class _EntropyTap:
-    """Wraps ``somad.learner.forward_modes`` so the entropy (bits) of every chunk's predicted
-    distribution is kept for the learner that asked; installed once per process."""
-
-    chunks: list | None = None  # where the running learner collects its chunks' entropies
-
-    @classmethod
-    def install(cls) -> None:
-        import torch
-
-        import somad.learner as learner_module
-
-        if getattr(learner_module.forward_modes, "_entropy_tap", False):
-            return
-        original = learner_module.forward_modes
-
-        def forward_modes(*args, **kwargs):
-            h, logits = original(*args, **kwargs)
-            if cls.chunks is not None:
-                logp = torch.log_softmax(logits.detach(), dim=1)
-                cls.chunks.append((-(logp.exp() * logp).sum(1) / LN2).numpy().astype(np.float32))
-            return h, logits
-
-        forward_modes._entropy_tap = True
-        learner_module.forward_modes = forward_modes
-
-
 def learn_with_entropy(learner, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(bits, entropy) of every byte of ``data``, each scored before the model learned it."""
-    _EntropyTap.install()
-    _EntropyTap.chunks = []
-    try:
-        bits = learner.learn(data).numpy().astype(np.float32)
-        entropy = np.concatenate(_EntropyTap.chunks) if _EntropyTap.chunks else np.zeros(0, np.float32)
-    finally:
-        _EntropyTap.chunks = None
-    if entropy.shape != bits.shape:  # one forward per chunk is what the tap relies on
-        raise RuntimeError(f"entropy for {entropy.size} bytes, losses for {bits.size}: the learner's chunking changed")
-    return bits, entropy
+    """(bits, entropy) of every byte of ``data`` as float32, each scored before the model learned it."""
+    bits, entropy = learner.learn_with_entropy(data)
+    return bits.numpy().astype(np.float32), entropy.numpy().astype(np.float32)
 
 
 def row_layout(values: list[str]) -> tuple[bytes, np.ndarray, np.ndarray]:
@@ -223,11 +184,12 @@ def squash(x: np.ndarray) -> np.ndarray:
 
 
 def shipped(scores: np.ndarray, use_tail: bool) -> np.ndarray:
-    """``somad.scoring.StreamScorer`` as shipped (defaults), fed each row's record score; its
-    anomaly score, or -log10 of its tail probability (finer ranking where anomaly saturates)."""
-    from somad.scoring import StreamScorer
+    """``somad.scoring.StreamScorer``'s surprise detector (its defaults, every row judged: the
+    onsets are a transform of their own here), fed each row's record score; its anomaly score,
+    or -log10 of its tail probability (finer ranking where anomaly saturates)."""
+    from somad.scoring import ScoringConfig, StreamScorer
 
-    scorer = StreamScorer("nab")
+    scorer = StreamScorer("nab", ScoringConfig(detector="surprise", onset_records=0))
     out = np.zeros(scores.size)
     one = np.zeros(1)
     for i, s in enumerate(scores.tolist()):

@@ -265,13 +265,13 @@ def build_payload(
 
 
 def _compact(value: Any, where: str) -> Any:
-    """Extra values as stored: numpy scalars as Python numbers, tensors as compact CPU copies
-    (a view would drag its whole storage into the file); anything else is checked by
+    """Extra values as stored: numpy scalars as Python numbers, numpy arrays as tensors,
+    tensors as compact CPU copies (a view would drag its whole storage into the file); anything else is checked by
     ``canonical`` when the id is computed."""
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, np.ndarray):
-        raise CheckpointError(f"{where}: numpy arrays are not stored; pass a torch tensor or a list")
+    if isinstance(value, np.ndarray):  # read back as a tensor (np.asarray takes either)
+        return torch.from_numpy(np.ascontiguousarray(value).copy())
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().contiguous().clone()
     if isinstance(value, dict):

@@ -1,28 +1,40 @@
-"""Scoring: per-byte loss -> record score -> anomaly score in [0, 1] -> alerts.
+"""Scoring: a record -> a record score -> anomaly score in [0, 1] -> alerts.
 
 Pure: no I/O and no clocks (the caller passes ``now``, unix seconds), bounded memory. One
 ``StreamScorer`` per stream (or sub-stream), called once per completed record, after the
 learner has scored (and then learned from) the record's bytes.
 
-1. **Record score** (``ScoringConfig.record_score``): the bits of the record's bytes as one
-   number, their mean, max or sum; or the same over the *excess* surprise, loss minus the
-   entropy of the predicted distribution (what the model was sure of and got wrong; the
-   noisy last digit of a reading costs bits but carries no excess). Excess needs the entropy
-   of each byte's prediction, passed in beside its loss.
-2. **Anomaly score**, in the spirit of HTM's anomaly likelihood: the mean of the last
-   ``fast_records`` record scores is judged against the running mean and variance of that
-   same short mean at a slow time constant of ``slow_records`` records (the stream's own
-   long-run behaviour). Its standard score z gives a Gaussian tail probability p (one-sided,
-   or two-sided when a stream that turns far *more* predictable, a frozen sensor, is an
-   anomaly too), and the anomaly score is ``(1 - p) ** slow_records``: the probability that
-   a whole slow window of ordinary records held nothing as extreme. So 0.99 means "rarer than
-   once in a hundred slow windows", whatever the stream's rate, and a threshold keeps its
-   meaning across streams (``last_tail`` keeps p itself, for rankings finer than the score's
-   saturation at 1.0). A record moves the statistics at most ``clip_z`` standard deviations'
-   worth (one spike must not blind the detector to the next one), and during an alert only
-   at the learning policy's rate (not at all when ``frozen``: the statistics learn as the
-   model does). They start afresh halfway through the warm-up, so they describe the trained
-   model rather than its first, clueless bytes.
+Two detectors (``ScoringConfig.detector``); both stay at byte level (no field is read as a
+number):
+
+1. **novelty** (the default; bench/nab: NAB standard 57, soma's surprise 43 at best): how
+   rare the record's field prefixes (each field's first ``novelty_depth`` bytes: sign,
+   leading digits, decimal point) are in *all* of the stream's history (``somad.novelty``):
+   their -log2 probability under all-time prefix counts is the record score, and where it
+   falls among every earlier record's is the tail probability p; the anomaly score is
+   ``1 - p``. soma forgets by design (a level it left an hour ago is new to it again); these
+   counts do not, and NAB's anomalies are mostly values outside what the stream has shown.
+2. **surprise**: soma's per-byte loss. The record score (``record_score``) is the bits of
+   the record's bytes as one number, their mean, max or sum; or the same over the *excess*
+   surprise, loss minus the entropy of the predicted distribution (what the model was sure
+   of and got wrong; the noisy last digit of a reading costs bits but carries no excess).
+   In the spirit of HTM's anomaly likelihood, the mean of the last ``fast_records`` record
+   scores is judged against the running mean and variance of that same short mean at a
+   slow time constant of ``slow_records`` records. Its standard score z gives a Gaussian
+   tail probability p (one-sided, or two-sided when a stream that turns far *more*
+   predictable, a frozen sensor, is an anomaly too), and the anomaly score is
+   ``(1 - p) ** slow_records``: the probability that a whole slow window of ordinary
+   records held nothing as extreme. A record moves the statistics at most ``clip_z``
+   standard deviations' worth (one spike must not blind the detector to the next one), and
+   during an alert only at the learning policy's rate (not at all when ``frozen``). They
+   start afresh halfway through the warm-up, so they describe the trained model rather than
+   its first, clueless bytes.
+
+``last_tail`` keeps p itself (finer rankings than the anomaly score near 1.0). An alert can
+open only at an *onset*: a record whose anomaly score is the highest of the last
+``onset_records`` (``last_trigger``: the anomaly there, else 0), so an incident that goes
+on, or a new level, alerts once at its start rather than at every record.
+
 3. **Alerts**, per stream: open when ``n`` of the last ``m`` records reach ``threshold``;
    close once fewer than ``n`` of the last ``m`` reach ``close_below`` (hysteresis) for
    ``close_after`` records in a row (so one incident's bursts make one alert); after a
@@ -39,13 +51,12 @@ No anomaly score other than 0 and no alert during the first ``grace_period`` rec
 model and the statistics are still warming up.
 
 >>> import numpy as np
->>> scorer = StreamScorer("demo", ScoringConfig(grace_period=20, fast_records=1))
->>> rng = np.random.default_rng(0)
->>> for i in range(200):
-...     scored, alerts = scorer.score_record(b"21.5\\n", 2.0 + 0.1 * rng.standard_normal(5), now=i)
->>> scored.anomaly < 0.5, alerts
+>>> scorer = StreamScorer("demo")  # novelty
+>>> for i in range(1200):  # an alert needs p <= 0.001: a history of 1000 records at least
+...     scored, alerts = scorer.score_record(b"21.%d\\n" % (i % 7), np.ones(5), now=i)
+>>> scored.anomaly < 0.9, alerts
 (True, [])
->>> scored, alerts = scorer.score_record(b"99.9\\n", np.full(5, 9.0), now=200.0)
+>>> scored, alerts = scorer.score_record(b"99.9\\n", np.ones(5), now=1200.0)
 >>> scored.anomaly > 0.99, [a.kind for a in alerts], scorer.alert_open
 (True, ['open'], True)
 """
@@ -59,10 +70,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .events import AlertEvent, RecordScored, Timescale
+from .novelty import EmpiricalTail, PrefixCounts
 
 PHI = (1.0 + math.sqrt(5.0)) / 2.0  # the model's default base r (kept here: scoring imports no torch)
 
 RECORD_SCORES = ("mean", "max", "sum", "mean_excess", "max_excess", "sum_excess")
+DETECTORS = ("novelty", "surprise")
+# Warm-up per detector: novelty judges against its own history (100 records, bench/nab_novelty:
+# 300 costs 0.7 NAB points, 1000 costs 6); surprise waits for soma to learn the stream.
+GRACE_PERIODS = {"novelty": 100, "surprise": 500}
 DIRECTIONS = ("high", "both")
 LEARNING_POLICIES = ("normal", "reduced", "frozen")
 MIN_RECORDS_TO_CLIP = 10  # records in the statistics before their std is trusted to clip outliers
@@ -75,22 +91,34 @@ MIN_RECORDS_TO_CLIP = 10  # records in the statistics before their std is truste
 class ScoringConfig:
     """How per-byte loss becomes a record score and an anomaly score (YAML ``scoring:``)."""
 
-    record_score: str = "mean"  # mean | max | sum of the record's bits; *_excess: the same over loss - entropy
-    grace_period: int = 500  # records scored 0 (and never alerting) while the model and statistics warm up
-    fast_records: int = 3  # short window: the mean of this many latest record scores is what gets judged
-    slow_records: float = 500.0  # time constant (records) of the long-run mean and variance it is judged against
-    direction: str = "both"  # "high": only more surprise than usual; "both": far less too (a frozen sensor)
-    clip_z: float = 6.0  # a record moves the statistics as if at most this many std devs from the mean
-    min_std: float = 0.05  # bits: floor on the long-run std, so a steady stream is not alarmed by rounding
+    detector: str = "novelty"  # novelty: how rare the record's field prefixes are in all the stream's history; surprise: soma's loss judged against its running statistics (NAB: bench/nab)
+    novelty_depth: int = 6  # novelty: leading bytes of each field that are counted
+    novelty_slots: int = 65536  # novelty: prefix table size, a power of two (24 bytes a slot, fixed)
+    onset_records: int = 200  # an alert opens only at a record whose anomaly is the highest of the last this many (0: at any record)
+    record_score: str = "mean"  # surprise: mean | max | sum of the record's bits; *_excess: the same over loss - entropy
+    grace_period: int | None = None  # records scored 0 (never alerting) while warming up; None: the detector's own (GRACE_PERIODS)
+    fast_records: int = 3  # surprise: the mean of this many latest record scores is what gets judged
+    slow_records: float = 500.0  # surprise: time constant (records) of the long-run mean and variance it is judged against
+    direction: str = "both"  # surprise: "high": only more surprise than usual; "both": far less too (a frozen sensor)
+    clip_z: float = 6.0  # surprise: a record moves the statistics as if at most this many std devs from the mean
+    min_std: float = 0.05  # surprise: bits, floor on the long-run std, so a steady stream is not alarmed by rounding
     base: float = PHI  # r of the model: band k of the trace bank remembers about r^k bytes
     top_timescales: int = 3  # bands named in an alert (the largest shares of unusual gradient power)
 
     def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ValueError(f"scoring.detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+        if not 1 <= self.novelty_depth <= 64:
+            raise ValueError(f"scoring.novelty_depth must be in 1..64, got {self.novelty_depth}")
+        if not (16 <= self.novelty_slots <= 1 << 24 and self.novelty_slots & (self.novelty_slots - 1) == 0):
+            raise ValueError(f"scoring.novelty_slots must be a power of two in 16..16777216, got {self.novelty_slots}")
+        if not 0 <= self.onset_records <= 10_000:
+            raise ValueError(f"scoring.onset_records must be in 0..10000, got {self.onset_records}")
         if self.record_score not in RECORD_SCORES:
             raise ValueError(f"scoring.record_score must be one of {', '.join(RECORD_SCORES)}, got {self.record_score!r}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"scoring.direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
-        if self.grace_period < 0:
+        if self.grace_period is not None and self.grace_period < 0:
             raise ValueError(f"scoring.grace_period must be >= 0, got {self.grace_period}")
         if not 1 <= self.fast_records <= 1000:
             raise ValueError(f"scoring.fast_records must be in 1..1000, got {self.fast_records}")
@@ -106,15 +134,20 @@ class ScoringConfig:
             raise ValueError(f"scoring.top_timescales must be >= 0, got {self.top_timescales}")
 
     @property
+    def grace(self) -> int:
+        """Records scored 0 at the start: ``grace_period``, or the detector's own."""
+        return GRACE_PERIODS[self.detector] if self.grace_period is None else self.grace_period
+
+    @property
     def needs_entropy(self) -> bool:
-        return self.record_score.endswith("_excess")
+        return self.detector == "surprise" and self.record_score.endswith("_excess")
 
 
 @dataclass(frozen=True)
 class AlertConfig:
     """When an alert opens and closes, and how the model learns meanwhile (YAML ``alerts:``)."""
 
-    threshold: float = 0.99  # anomaly score at or above which a record counts towards opening
+    threshold: float = 0.999  # anomaly score at or above which a record counts towards opening (novelty: rarer than 99.9 % of the stream's records so far; NAB's own optimum is 0.9966, but a months-long stream pays more for alert fatigue)
     n_of_m: tuple[int, int] = (1, 1)  # open when n of the last m records reach the threshold
     close_below: float = 0.9  # hysteresis: an open alert is quiet while fewer than n of the last m reach this
     close_after: int = 10  # quiet records in a row that close an alert (bursts of one incident stay one alert)
@@ -335,14 +368,18 @@ class AlertState:
 
     def __init__(self, cfg: AlertConfig):
         self.cfg = cfg
-        self.recent: deque[float] = deque(maxlen=cfg.n_of_m[1])  # anomaly scores of the last m records
+        self.recent: deque[float] = deque(maxlen=cfg.n_of_m[1])  # anomaly scores of the last m records (closing)
+        self.triggers: deque[float] = deque(maxlen=cfg.n_of_m[1])  # what may open an alert, last m records
         self.open = False
         self.quiet = 0  # records in a row an open alert has been quiet
         self.cooldown = 0  # records left during which no alert may open
 
-    def step(self, anomaly: float) -> str | None:
-        """Account one record's anomaly score; return "open", "close" or None."""
+    def step(self, anomaly: float, trigger: float | None = None) -> str | None:
+        """Account one record's anomaly score; return "open", "close" or None. ``trigger``:
+        what may open an alert (default: the anomaly; the scorer passes the anomaly at an
+        onset, else 0), while an open alert stays open as long as the anomaly stays high."""
         self.recent.append(anomaly)
+        self.triggers.append(anomaly if trigger is None else trigger)
         n = self.cfg.n_of_m[0]
         if self.open:
             quiet = sum(a >= self.cfg.close_below for a in self.recent) < n
@@ -356,17 +393,19 @@ class AlertState:
         if self.cooldown > 0:
             self.cooldown -= 1
             return None
-        if sum(a >= self.cfg.threshold for a in self.recent) >= n:
+        if sum(a >= self.cfg.threshold for a in self.triggers) >= n:
             self.open = True
             return "open"
         return None
 
     def state_dict(self) -> dict:
-        return {"recent": [float(a) for a in self.recent], "open": self.open, "quiet": self.quiet, "cooldown": self.cooldown}
+        return {"recent": [float(a) for a in self.recent], "triggers": [float(a) for a in self.triggers], "open": self.open, "quiet": self.quiet, "cooldown": self.cooldown}
 
     def load_state_dict(self, d: dict) -> None:
         self.recent.clear()
         self.recent.extend(float(a) for a in d["recent"])
+        self.triggers.clear()
+        self.triggers.extend(float(a) for a in d.get("triggers", d["recent"]))  # a version 1 state: as before, the anomalies
         self.open = bool(d["open"])
         self.quiet = int(d["quiet"])
         self.cooldown = int(d["cooldown"])
@@ -427,7 +466,7 @@ class StreamScorer:
     the model's bands are spaced otherwise.
     """
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2  # 2 added "novelty" and "recent"; a version 1 state loads with both fresh
     _STATE_KEYS = ("records", "alerts_total", "fast", "slow", "alerts", "open_alert", "last", "usual_shares", "usual_count")
 
     def __init__(
@@ -443,13 +482,16 @@ class StreamScorer:
         self.band_taus = list(band_taus) if band_taus is not None else None
         self.fast = MovingMean(self.scoring.fast_records)
         self.slow = RunningMoments(self.scoring.slow_records)
+        self.novelty, self.tail = self._fresh_novelty()
+        self.recent: deque[float] = deque(maxlen=max(self.scoring.onset_records, 1))  # anomalies before this record (onsets)
         self.state = AlertState(self.alerts)
         self.records = 0  # records scored since the stream began (survives restarts via state_dict)
         self.alerts_total = 0  # alerts opened since the stream began
         self.last_score = 0.0  # latest record score (bits)
         self.last_z = 0.0  # latest standard score of the short mean (0 during grace)
-        self.last_tail = 1.0  # its Gaussian tail probability: the finest-grained ranking (NAB)
+        self.last_tail = 1.0  # its tail probability: the finest-grained ranking
         self.last_anomaly = 0.0
+        self.last_trigger = 0.0  # what the alert machine judged: the anomaly at an onset, else 0 (NAB scores this)
         self._alert: _OpenAlert | None = None
         self._usual_shares: np.ndarray | None = None  # running mean of per-band power shares outside alerts
         self._usual_count = 0.0
@@ -485,12 +527,18 @@ class StreamScorer:
         """
         bits, entropy, shares, now = self._checked(bits, entropy, band_power, now)
         index = self.records
-        score = record_score(bits, self.scoring.record_score, entropy)
-        z, tail, anomaly = self._judge(score, index)
-        transition = self.state.step(anomaly)
-        self._learn_statistics(index)
+        if self.novelty is not None:
+            score = self.novelty.observe(bytes(record))
+            z, tail, anomaly = self._judge_novelty(score, index)
+        else:
+            score = record_score(bits, self.scoring.record_score, entropy)
+            z, tail, anomaly = self._judge(score, index)
+        trigger = self._onset(anomaly)
+        transition = self.state.step(anomaly, trigger)
+        if self.novelty is None:
+            self._learn_statistics(index)  # after the step: at the rate its outcome allows
         self.records += 1
-        self.last_score, self.last_z, self.last_tail, self.last_anomaly = score, z, tail, anomaly
+        self.last_score, self.last_z, self.last_tail, self.last_anomaly, self.last_trigger = score, z, tail, anomaly, trigger
         events = self._alert_events(transition, record, score, z, anomaly, shares, index, now)
         if not self.state.open:
             self._learn_usual_shares(shares)
@@ -521,10 +569,33 @@ class StreamScorer:
             raise ValueError(f"{where}: entropy must be finite with one value per byte ({bits.size}), got shape {entropy.shape}")
         return bits, entropy, shares, now
 
+    def _fresh_novelty(self) -> tuple[PrefixCounts | None, EmpiricalTail | None]:
+        if self.scoring.detector != "novelty":
+            return None, None
+        return PrefixCounts(self.scoring.novelty_depth, self.scoring.novelty_slots), EmpiricalTail(warmup=self.scoring.grace)
+
+    def _judge_novelty(self, score: float, index: int) -> tuple[float, float, float]:
+        """-log10 p, p and 1 - p, p the share of the stream's earlier records at least as novel."""
+        rarity = self.tail.judge(score)
+        if index < self.scoring.grace:
+            return 0.0, 1.0, 0.0
+        tail = 10.0 ** -rarity
+        return rarity, tail, 1.0 - tail
+
+    def _onset(self, anomaly: float) -> float:
+        """``anomaly`` if it is the highest of the last ``onset_records`` (an incident's first
+        or rising records), else 0: what the alert machine judges. A high that merely goes on
+        is the same incident, and NAB counts every detection outside a window against us."""
+        if not self.scoring.onset_records:
+            return anomaly
+        trigger = anomaly if not self.recent or anomaly >= max(self.recent) else 0.0
+        self.recent.append(anomaly)
+        return trigger
+
     def _judge(self, score: float, index: int) -> tuple[float, float, float]:
         """z, tail probability and anomaly score of the short mean after ``score``."""
         self.fast.push(score)
-        if index < self.scoring.grace_period or self.slow.count < 2:
+        if index < self.scoring.grace or self.slow.count < 2:
             return 0.0, 1.0, 0.0
         z = (self.fast.mean - self.slow.mean) / max(self.slow.std, self.scoring.min_std)
         tail = gaussian_tail(z, two_sided=self.scoring.direction == "both")
@@ -533,7 +604,7 @@ class StreamScorer:
     def _learn_statistics(self, index: int) -> None:
         """Fold the short mean into the long-run statistics: clipped once warm, and at the
         learning policy's rate while an alert is open (frozen: the anomaly is not learned)."""
-        if index == self.scoring.grace_period // 2:
+        if index == self.scoring.grace // 2:
             # a fresh model's loss falls fast: the statistics start afresh halfway through the
             # warm-up, to describe the trained model rather than its first bytes
             self.slow = RunningMoments(self.scoring.slow_records)
@@ -630,16 +701,31 @@ class StreamScorer:
             "last": [float(self.last_score), float(self.last_z), float(self.last_tail), float(self.last_anomaly)],
             "usual_shares": self._usual_shares.tolist() if self._usual_shares is not None else None,
             "usual_count": self._usual_count,
+            "recent": [float(x) for x in self.recent],
+            # numpy arrays (the checkpoint stores them as tensors): 24 bytes a slot as plain lists would be ~10x
+            "novelty": {"counts": self.novelty.state_dict(), "tail": self.tail.state_dict()} if self.novelty is not None else None,
         }
 
+    def _loaded_novelty(self, saved: dict | None) -> tuple[PrefixCounts | None, EmpiricalTail | None]:
+        """Novelty tables from a saved state; fresh ones when none was saved or its size differs."""
+        novelty, tail = self._fresh_novelty()
+        if novelty is None or saved is None:
+            return novelty, tail
+        if int(saved["counts"]["depth"]) != novelty.depth or int(saved["counts"]["slots"]) != novelty.slots:
+            return novelty, tail  # the config changed the table: counting starts afresh
+        novelty.load_state_dict(saved["counts"])
+        tail.load_state_dict(saved["tail"])
+        return novelty, tail
+
     def load_state_dict(self, d: dict) -> None:
-        """Resume from ``state_dict()``. Windows resized in the config keep their latest values."""
-        foreign = _not_plain(d, "state")
-        if foreign:  # state_dict() writes only plain values; a tensor here would fail much later
-            raise ValueError(f"stream {self.stream!r}: malformed scorer state: {foreign}")
-        if not isinstance(d, dict) or d.get("version") != self.STATE_VERSION:
+        """Resume from ``state_dict()``. Windows resized in the config keep their latest values;
+        novelty tables of another size or detector, or from a version 1 state, start fresh."""
+        if not isinstance(d, dict) or type(d.get("version")) is not int or d["version"] not in (1, self.STATE_VERSION):
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"stream {self.stream!r}: scorer state version {got!r} is not {self.STATE_VERSION}")
+        foreign = _not_plain({k: v for k, v in d.items() if k != "novelty"}, "state")
+        if foreign:  # state_dict() writes only plain values (and the novelty arrays); a tensor here would fail much later
+            raise ValueError(f"stream {self.stream!r}: malformed scorer state: {foreign}")
         missing = set(self._STATE_KEYS) - set(d)
         if missing:
             raise ValueError(f"stream {self.stream!r}: scorer state lacks {', '.join(sorted(missing))}")
@@ -656,6 +742,8 @@ class StreamScorer:
             records, alerts_total = int(d["records"]), int(d["alerts_total"])
             usual = np.array([float(v) for v in d["usual_shares"]]) if d["usual_shares"] is not None else None
             usual_count = min(float(d["usual_count"]), self.scoring.slow_records)
+            recent = deque((float(x) for x in d.get("recent", [])), maxlen=self.recent.maxlen)
+            novelty, tail = self._loaded_novelty(d.get("novelty"))
         except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as err:
             raise ValueError(f"stream {self.stream!r}: malformed scorer state: {err!r}") from err
         counts = {"records": records, "alerts_total": alerts_total, "slow.count": slow.count, "slow.var": slow.var,
@@ -666,6 +754,7 @@ class StreamScorer:
         if state.open != (alert is not None):
             raise ValueError(f"stream {self.stream!r}: scorer state says alert open={state.open} but carries {alert is not None and 'an' or 'no'} open alert")
         self.fast, self.slow, self.state, self._alert = fast, slow, state, alert
+        self.recent, self.novelty, self.tail = recent, novelty, tail
         self.records, self.alerts_total = records, alerts_total
         self.last_score, self.last_z, self.last_tail, self.last_anomaly = last
         self._usual_shares, self._usual_count = usual, usual_count

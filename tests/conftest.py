@@ -26,3 +26,18 @@ def mosquitto(tmp_path):
     broker = Mosquitto(tmp_path / "mosquitto").start()
     yield broker
     broker.kill()
+
+
+@pytest.fixture(scope="session")
+def nab_root():
+    """NAB's directory (``../shared/data/nab``, or ``$SOMAD_NAB``); skipped, saying why, where the
+    data set (kept outside the repository, present in CI) is missing."""
+    from bench import nab_scorer as nab
+
+    try:
+        root = nab.nab_dir(None)
+    except (FileNotFoundError, SystemExit) as e:
+        pytest.skip(f"NAB data not available: {e}")
+    if not (root / "labels" / "combined_windows.json").is_file():
+        pytest.skip(f"NAB data not found at {root}")
+    return root

@@ -184,7 +184,7 @@ def test_pi_serial_example(example_env):
     config = load_example("pi-serial.yaml", example_env)
     uart = config.stream("uart0")
     assert (config.device, uart.source.type, uart.source.options.baudrate) == ("greenhouse-pi", "serial", 115200)
-    assert uart.alerts.n_of_m == (2, 3) and uart.queue_policy == "drop_oldest"
+    assert uart.scoring.detector == "novelty" and uart.alerts.threshold == 0.999 and uart.queue_policy == "drop_oldest"
     assert [s.type for s in uart.sinks] == ["mqtt", "jsonl"]
     assert uart.sinks[0].options.device == "greenhouse-pi"  # handed to adapters with a device option
 
@@ -203,7 +203,7 @@ def test_mqtt_gateway_example_merges_defaults(example_env):
 def test_logfile_and_socket_examples(example_env):
     log = load_example("logfile.yaml", example_env).stream("nginx-access")
     assert log.source.options.start == "saved" and log.queue_policy == "block"
-    assert log.alerts.n_of_m == (3, 10) and log.snapshot.every_bytes == 64 << 20
+    assert log.scoring.detector == "surprise" and log.alerts.n_of_m == (3, 10) and log.snapshot.every_bytes == 64 << 20
     sockets = load_example("socket.yaml", example_env)
     assert [s.source.type for s in sockets.streams] == ["tcp", "udp"]
     assert sockets.stream("meters-udp").framing.type == "message"

@@ -78,7 +78,7 @@ def test_file_stream_scores_every_record_and_resumes_without_skip_or_repeat(tmp_
 def test_an_excess_record_score_gets_each_bytes_entropy_from_the_learner(tmp_path):
     data = tmp_path / "log.csv"
     data.write_bytes(csv_lines(0, 300))
-    stream = file_stream(tmp_path) + "    scoring: {record_score: max_excess}\n"
+    stream = file_stream(tmp_path) + "    scoring: {detector: surprise, record_score: max_excess}\n"
     with running(parse_config(config_text(tmp_path, stream))) as daemon:
         wait_for(lambda: learned_bytes(daemon, "log") == data.stat().st_size, what="the file")
     scores = [e for e in score_events(tmp_path / "log-scores.jsonl") if e["event"] == "score"]

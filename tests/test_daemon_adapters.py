@@ -167,7 +167,7 @@ def test_mqtt_source_to_mqtt_sink_alerts_on_a_garbage_burst_and_publishes_scores
     alert_topic, score_topic = "somad/dev1/telemetry/alert", "somad/dev1/telemetry/score"
     sinks = (f'[{{type: mqtt, host: {mosquitto.host}, port: {mosquitto.port}, topic: "somad/{{device}}/{{stream}}/alert", '
              f'score_topic: "somad/{{device}}/{{stream}}/score", reconnect_min_delay: 0.1, reconnect_max_delay: 0.5}}]')
-    extra = "    scoring: {grace_period: 150}\n    alerts: {threshold: 0.99, n_of_m: [1, 1]}\n"
+    extra = "    scoring: {detector: surprise, onset_records: 0, grace_period: 150}\n    alerts: {threshold: 0.99, n_of_m: [1, 1]}\n"
     cfg = parse_config(config_text(tmp_path, mqtt_stream(mosquitto, extra, sinks)))
     rng = random.Random(7)
     normal = [("sensors/s1/telemetry", csv_line(i)) for i in range(400)]

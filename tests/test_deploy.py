@@ -785,14 +785,13 @@ streams:
     source:
       type: simulate
       rate: 200
-      # At line 1500 (7.5 s in) the reading drops by ten amplitudes and stays there for 300
-      # lines: negative values, a '-' the model has never seen.
-      faults: [{{kind: shift, at_line: 1500, length: 300, magnitude: -10.0}}]
+      # At line 1500 (7.5 s in) the reading drops by ten amplitudes and stays there for 1000
+      # lines: negative values, a '-' the stream has never shown.
+      faults: [{{kind: shift, at_line: 1500, length: 1000, magnitude: -10.0}}]
     model: {{preset: tiny}}
-    scoring: {{grace_period: 300}}
-    # Three surprising records in a row open the alert; frozen learning keeps it open
-    # through the fault, so Prometheus (scraping every second) cannot miss it.
-    alerts: {{threshold: 0.99, n_of_m: [3, 3], learn_while_open: frozen}}
+    # The default detector (novelty) and alert threshold; an alert stays open until 400
+    # quiet records (2 s) in a row, so Prometheus (scraping every second) cannot miss it.
+    alerts: {{close_after: 400}}
     snapshot: {{every_seconds: 3600}}
     sinks:
       - {{type: jsonl, path: "{alerts}", events: alerts, flush_seconds: 0}}

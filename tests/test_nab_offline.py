@@ -15,17 +15,6 @@ from somad.model import preset
 SHORT_FILE = "artificialWithAnomaly/art_daily_jumpsup.csv"  # 4032 rows, one window
 
 
-@pytest.fixture(scope="module")
-def nab_root():
-    try:
-        root = nab.nab_dir(None)
-    except (FileNotFoundError, SystemExit) as e:  # the data set lives outside the repository
-        pytest.skip(f"NAB data not available: {e}")
-    if not (root / "data" / SHORT_FILE).exists():
-        pytest.skip(f"NAB file {SHORT_FILE} not available")
-    return root
-
-
 def test_entropy_tap_leaves_losses_unchanged_and_is_a_valid_entropy():
     data = b"12.5\n13.0\n12.75\n" * 40
     plain = SomaLearner(preset("tiny")).learn(data).numpy()

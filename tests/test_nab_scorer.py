@@ -318,13 +318,13 @@ def level_shift_rows(n_before: int = 600, n_after: int = 40) -> tuple[list[str],
 def test_runner_feeds_value_text_lines_and_scores_every_row():
     from bench import nab as runner
 
-    stamps, values = level_shift_rows()
+    stamps, values = level_shift_rows(n_before=1200)  # the default alert threshold, 0.999, needs 1000 records of history
     run = runner.run_rows(runner.Variant(preset="tiny"), "synthetic.csv", stamps, values)
     assert run.n_bytes == sum(len(v) + 1 for v in values)
     assert run.anomaly.shape == run.bits.shape == run.tail.shape == (len(values),)
     assert ((run.anomaly >= 0) & (run.anomaly <= 1)).all()
-    assert (run.anomaly[:500] == 0).all()  # the scorer's grace period
-    assert run.anomaly[600:610].max() > 0.99 > run.anomaly[550:600].max()
+    assert (run.anomaly[: runner.ScoringConfig().grace] == 0).all()  # the scorer's grace period
+    assert run.anomaly[1200:1210].max() > 0.999 > run.anomaly[1100:1200].max()
     assert run.alerts >= 1 and run.seconds > 0
 
 

@@ -32,6 +32,12 @@ from somad.scoring import (
 # ---------------------------------------------------------------------------- helpers
 
 
+
+def surprise(**fields) -> ScoringConfig:
+    """The surprise detector (soma's loss against its running statistics), every record judged
+    (no onset filter): the machinery these tests pin down. The novelty detector: test_novelty."""
+    return ScoringConfig(detector="surprise", onset_records=0, **fields)
+
 def steady_bits(rng: np.random.Generator, n_bytes: int = 6, level: float = 2.0, noise: float = 0.2) -> np.ndarray:
     """Per-byte losses of an ordinary record: a level plus Gaussian noise."""
     return level + noise * rng.standard_normal(n_bytes)
@@ -48,7 +54,7 @@ def opened(results) -> list[int]:
 
 def fast_scorer(**scoring) -> StreamScorer:
     """A scorer with a short warm-up, for hand-made sequences."""
-    return StreamScorer("s", ScoringConfig(grace_period=50, **scoring), AlertConfig(close_after=1, cooldown_records=0))
+    return StreamScorer("s", surprise(grace_period=50, **scoring), AlertConfig(close_after=1, cooldown_records=0))
 
 
 # ---------------------------------------------------------------------------- record scores
@@ -68,7 +74,7 @@ def fast_scorer(**scoring) -> StreamScorer:
 def test_record_score_modes(how, bits, entropy, expected):
     ent = np.array(entropy) if entropy is not None else None
     assert record_score(np.array(bits), how, ent) == pytest.approx(expected)
-    scorer = StreamScorer("s", ScoringConfig(record_score=how))
+    scorer = StreamScorer("s", surprise(record_score=how))
     assert scorer.record_score(np.array(bits), ent) == pytest.approx(expected)
     scored, _ = scorer.score_record(b"abc", np.array(bits), entropy=ent)
     assert scored.bits == pytest.approx(expected)
@@ -79,7 +85,7 @@ def test_record_score_accepts_the_learners_tensor():
 
 
 def test_excess_without_entropy_is_a_clear_error():
-    scorer = StreamScorer("uart0", ScoringConfig(record_score="mean_excess"))
+    scorer = StreamScorer("uart0", surprise(record_score="mean_excess"))
     with pytest.raises(ValueError, match=r"uart0.*record 0.*entropy"):
         scorer.score_record(b"1\n", np.array([1.0, 2.0]))
 
@@ -96,7 +102,7 @@ def test_excess_without_entropy_is_a_clear_error():
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(bits, kwargs, message):
-    scorer = StreamScorer("s", ScoringConfig(grace_period=5), band_taus=[1.0, 2.0, 4.0])
+    scorer = StreamScorer("s", surprise(grace_period=5), band_taus=[1.0, 2.0, 4.0])
     rng = np.random.default_rng(0)
     feed(scorer, [steady_bits(rng) for _ in range(20)])
     before = json.dumps(scorer.state_dict())
@@ -112,6 +118,10 @@ def test_bad_input_is_refused_and_changes_nothing(bits, kwargs, message):
     "cls, field, value, message",
     [
         (ScoringConfig, "record_score", "median", "scoring.record_score"),
+        (ScoringConfig, "detector", "htm", "scoring.detector"),
+        (ScoringConfig, "novelty_depth", 0, "scoring.novelty_depth"),
+        (ScoringConfig, "novelty_slots", 1000, "scoring.novelty_slots"),
+        (ScoringConfig, "onset_records", -1, "scoring.onset_records"),
         (ScoringConfig, "direction", "low", "scoring.direction"),
         (ScoringConfig, "grace_period", -1, "scoring.grace_period"),
         (ScoringConfig, "fast_records", 0, "scoring.fast_records"),
@@ -123,7 +133,7 @@ def test_bad_input_is_refused_and_changes_nothing(bits, kwargs, message):
         (AlertConfig, "n_of_m", (3, 2), "alerts.n_of_m"),
         (AlertConfig, "n_of_m", 2, "alerts.n_of_m"),
         (AlertConfig, "n_of_m", (1.0, 2), "alerts.n_of_m"),
-        (AlertConfig, "close_below", 0.995, "alerts.close_below"),
+        (AlertConfig, "close_below", 0.9995, "alerts.close_below"),
         (AlertConfig, "close_after", 0, "alerts.close_after"),
         (AlertConfig, "cooldown_records", -1, "alerts.cooldown_records"),
         (AlertConfig, "learn_while_open", "slow", "alerts.learn_while_open"),
@@ -175,7 +185,7 @@ def test_tail_and_anomaly_calibration():
 
 
 def test_grace_period_scores_zero_and_never_alerts():
-    scorer = StreamScorer("s", ScoringConfig(grace_period=100))
+    scorer = StreamScorer("s", surprise(grace_period=100))
     rng = np.random.default_rng(2)
     bits = [steady_bits(rng) for _ in range(100)]
     bits[80] = np.full(6, 12.0)  # a huge surprise late in the warm-up (clipped like any other)
@@ -189,7 +199,7 @@ def test_grace_period_scores_zero_and_never_alerts():
 def test_ordinary_noise_does_not_alert():
     """Independent Gaussian record scores: at threshold 0.99 an alert is a once-in-100-slow-windows
     event. Judged per record instead (1 - p), the same stream would cross 0.99 over and over."""
-    scorer = StreamScorer("s")
+    scorer = StreamScorer("s", surprise())
     rng = np.random.default_rng(3)
     zs, tails, anomalies = [], [], []
     for i in range(10_000):
@@ -218,7 +228,7 @@ def test_a_stream_turning_predictable_alerts_only_when_both_directions_count(dir
 @pytest.mark.parametrize("policy, closes_during_shift", [("frozen", False), ("normal", True)])
 def test_statistics_learn_the_new_normal_only_as_the_policy_allows(policy, closes_during_shift):
     """A persistent level shift: frozen keeps alerting for its whole length; normal learns it."""
-    scorer = StreamScorer("s", ScoringConfig(grace_period=50, slow_records=100.0), AlertConfig(learn_while_open=policy))
+    scorer = StreamScorer("s", surprise(grace_period=50, slow_records=100.0), AlertConfig(learn_while_open=policy))
     rng = np.random.default_rng(5)
     bits = [steady_bits(rng) for _ in range(300)] + [steady_bits(rng, level=4.0) for _ in range(400)]
     results = feed(scorer, bits)
@@ -231,7 +241,7 @@ def test_statistics_learn_the_new_normal_only_as_the_policy_allows(policy, close
 def test_one_spike_does_not_blind_the_detector_to_the_next():
     """A 40-bit spike is folded into the statistics as a 6-sigma one, so a later, modest
     anomaly still stands out (even when the statistics learn at full rate)."""
-    scorer = StreamScorer("s", ScoringConfig(grace_period=50, slow_records=100.0), AlertConfig(learn_while_open="normal", close_after=1))
+    scorer = StreamScorer("s", surprise(grace_period=50, slow_records=100.0), AlertConfig(learn_while_open="normal", close_after=1))
     rng = np.random.default_rng(6)
     bits = [steady_bits(rng) for _ in range(400)]
     bits[200] = np.full(6, 40.0)
@@ -242,7 +252,7 @@ def test_one_spike_does_not_blind_the_detector_to_the_next():
 def test_the_warm_up_does_not_blind_the_first_records_after_it():
     """A fresh model's loss falls from 8 bits to 2 during the warm-up: the statistics must
     describe the trained model, or the first anomalies after the warm-up go unnoticed."""
-    scorer = StreamScorer("s", ScoringConfig(grace_period=500))
+    scorer = StreamScorer("s", surprise(grace_period=500))
     rng = np.random.default_rng(12)
     bits = [steady_bits(rng, level=2.0 + 6.0 * math.exp(-i / 60)) for i in range(700)]
     bits[600] = np.full(6, 5.0)
@@ -262,26 +272,34 @@ def run_states(cfg: AlertConfig, anomalies) -> str:
     "cfg, anomalies, expected",
     [
         # 1 of 1: open at the first crossing, close at the first quiet record
-        ({"close_after": 1, "cooldown_records": 0}, [0.1, 0.995, 0.5, 0.995], ".oco"),
+        ({"close_after": 1, "cooldown_records": 0}, [0.1, 0.9995, 0.5, 0.9995], ".oco"),
         # close_after: quiet records in a row; a loud one in between resets the count
-        ({"close_after": 3, "cooldown_records": 0}, [0.995, 0.1, 0.1, 0.95, 0.1, 0.1, 0.1], "o.....c"),
+        ({"close_after": 3, "cooldown_records": 0}, [0.9995, 0.1, 0.1, 0.95, 0.1, 0.1, 0.1], "o.....c"),
         # hysteresis: between close_below and threshold the alert stays open
-        ({"close_below": 0.5, "close_after": 1, "cooldown_records": 0}, [0.995, 0.6, 0.7, 0.4], "o..c"),
+        ({"close_below": 0.5, "close_after": 1, "cooldown_records": 0}, [0.9995, 0.6, 0.7, 0.4], "o..c"),
         # n of m: one crossing alone never opens; two within three records do
-        ({"n_of_m": (2, 3), "close_after": 1, "cooldown_records": 0}, [0.995, 0.1, 0.1, 0.995, 0.1, 0.995], ".....o"),
+        ({"n_of_m": (2, 3), "close_after": 1, "cooldown_records": 0}, [0.9995, 0.1, 0.1, 0.9995, 0.1, 0.9995], ".....o"),
         # n of m closes when fewer than n of the last m are still loud
-        ({"n_of_m": (2, 3), "close_after": 1, "cooldown_records": 0}, [0.995, 0.995, 0.995, 0.1, 0.1], ".o..c"),
+        ({"n_of_m": (2, 3), "close_after": 1, "cooldown_records": 0}, [0.9995, 0.9995, 0.9995, 0.1, 0.1], ".o..c"),
         # cooldown: no reopening for 2 records after a close, then it may
-        ({"close_after": 1, "cooldown_records": 2}, [0.995, 0.1, 0.995, 0.995, 0.995], "oc..o"),
+        ({"close_after": 1, "cooldown_records": 2}, [0.9995, 0.1, 0.9995, 0.9995, 0.9995], "oc..o"),
     ],
 )
 def test_alert_state_machine(cfg, anomalies, expected):
     assert run_states(AlertConfig(**cfg), anomalies) == expected
 
 
+def test_an_alert_opens_on_a_trigger_and_stays_open_while_the_anomaly_does():
+    """The scorer passes the anomaly at an onset as the trigger, 0 elsewhere: a high that
+    goes on keeps the alert open without being a new trigger."""
+    state = AlertState(AlertConfig(close_after=2, cooldown_records=0))
+    steps = [(0.9995, 0.0), (0.9995, 0.9995), (0.9995, 0.0), (0.9995, 0.0), (0.1, 0.0), (0.1, 0.0), (0.9995, 0.0)]
+    assert "".join({"open": "o", "close": "c", None: "."}[state.step(a, t)] for a, t in steps) == ".o...c."
+
+
 @pytest.mark.parametrize("policy, factor", [("normal", 1.0), ("reduced", 0.25), ("frozen", 0.0)])
 def test_learning_factor_follows_the_policy_while_open(policy, factor):
-    scorer = StreamScorer("s", ScoringConfig(grace_period=50), AlertConfig(learn_while_open=policy, reduced_factor=0.25, close_after=2))
+    scorer = StreamScorer("s", surprise(grace_period=50), AlertConfig(learn_while_open=policy, reduced_factor=0.25, close_after=2))
     rng = np.random.default_rng(7)
     feed(scorer, [steady_bits(rng) for _ in range(200)])
     assert scorer.learning_factor() == 1.0 and not scorer.alert_open
@@ -292,7 +310,7 @@ def test_learning_factor_follows_the_policy_while_open(policy, factor):
 
 
 def test_alert_events_carry_what_happened():
-    scorer = StreamScorer("uart0", ScoringConfig(grace_period=50), AlertConfig(close_after=3))
+    scorer = StreamScorer("uart0", surprise(grace_period=50), AlertConfig(close_after=3))
     rng = np.random.default_rng(8)
     feed(scorer, [steady_bits(rng) for _ in range(200)], start=1000.0)
     _, events = scorer.score_record(b"61.0\n", np.full(5, 6.0), now=1200.0)  # opens
@@ -333,7 +351,7 @@ def test_band_timescales_are_the_top_bands_with_their_shares():
 
 def test_alert_names_the_bands_whose_power_rose_not_the_usual_ones():
     """Band 16 always takes most of the power; the anomaly's extra power is in band 2."""
-    scorer = StreamScorer("s", ScoringConfig(grace_period=50))
+    scorer = StreamScorer("s", surprise(grace_period=50))
     rng = np.random.default_rng(9)
     usual = np.full(16, 0.01)
     usual[15] = 0.8
@@ -348,12 +366,12 @@ def test_alert_names_the_bands_whose_power_rose_not_the_usual_ones():
 
 
 def test_band_taus_override_and_no_power_means_no_timescales():
-    scorer = StreamScorer("s", ScoringConfig(grace_period=50), band_taus=[2.0, 4.0, 8.0])
+    scorer = StreamScorer("s", surprise(grace_period=50), band_taus=[2.0, 4.0, 8.0])
     rng = np.random.default_rng(10)
     feed(scorer, [steady_bits(rng) for _ in range(100)])
     _, (event,) = scorer.score_record(b"9\n", np.full(6, 12.0), band_power=np.array([0.0, 0.0, 3.0]), now=100.0)
     assert [(t.band, t.tau_bytes) for t in event.timescales] == [(3, 8.0)]
-    fresh = StreamScorer("s", ScoringConfig(grace_period=50))
+    fresh = StreamScorer("s", surprise(grace_period=50))
     feed(fresh, [steady_bits(rng) for _ in range(100)])
     _, (event,) = fresh.score_record(b"9\n", np.full(6, 12.0), now=100.0)
     assert event.timescales == ()
@@ -368,7 +386,7 @@ def test_state_dict_round_trips_through_a_weights_only_checkpoint():
     history = [steady_bits(rng) for _ in range(300)] + [np.full(6, 12.0)] + [steady_bits(rng, level=5.0) for _ in range(3)]
     rest = [steady_bits(rng, level=5.0) for _ in range(5)] + [steady_bits(rng) for _ in range(100)] + [np.full(6, 9.0)]
     powers = [rng.random(16) for _ in history + rest]
-    cfg = (ScoringConfig(grace_period=100), AlertConfig(close_after=5))
+    cfg = (surprise(grace_period=100), AlertConfig(close_after=5))
     a = StreamScorer("s", *cfg)
     for i, bits in enumerate(history):
         a.score_record(b"r\xff\n", bits, band_power=powers[i], now=float(i))
@@ -390,7 +408,7 @@ def test_state_dict_round_trips_through_a_weights_only_checkpoint():
 
 
 def test_load_state_dict_refuses_what_it_cannot_use():
-    scorer = StreamScorer("uart0")
+    scorer = StreamScorer("uart0", surprise())
     good = scorer.state_dict()
     with pytest.raises(ValueError, match=r"uart0.*version 99"):
         scorer.load_state_dict({**good, "version": 99})
@@ -404,9 +422,9 @@ def test_load_state_dict_refuses_what_it_cannot_use():
 
 
 def test_a_resized_window_keeps_the_latest_values():
-    a = StreamScorer("s", ScoringConfig(fast_records=5))
+    a = StreamScorer("s", surprise(fast_records=5))
     feed(a, [np.array([float(i)]) for i in range(10)])
-    b = StreamScorer("s", ScoringConfig(fast_records=3))
+    b = StreamScorer("s", surprise(fast_records=3))
     b.load_state_dict(a.state_dict())
     assert list(b.fast.values) == [7.0, 8.0, 9.0]
 
@@ -454,7 +472,7 @@ def learn_record(learner: SomaLearner, line: bytes) -> tuple[torch.Tensor, np.nd
 @pytest.mark.parametrize("policy", ["reduced", "frozen"])
 def test_each_fault_on_a_real_learner_opens_exactly_one_alert(policy):
     learner = SomaLearner(preset("tiny"), LearnerConfig())
-    scorer = StreamScorer("sensor", ScoringConfig(), replace(AlertConfig(), learn_while_open=policy))
+    scorer = StreamScorer("sensor", surprise(), replace(AlertConfig(), learn_while_open=policy))
     opens = []
     for i, line in enumerate(sensor_lines()):
         factor = scorer.learning_factor()  # the daemon's loop: learn at the policy's rate, or only score

@@ -7,7 +7,9 @@ its JSON log, /proc/<pid>/status (RSS, sampled all along) and /proc/<pid>/fd. Tw
 
 - ``tcpin``: a TCP source (lines, ``max_record_bytes`` 4096, a 1-second idle timeout) with a
   small ``drop_oldest`` queue, so a flood is dropped and counted rather than learned for
-  minutes; every record's score goes to a JSONL file;
+  minutes; every record's score goes to a JSONL file. The queue (128 KiB) holds two of the
+  source's 64 KiB reads, so at least the last 64 KiB of each flood reach the framer and every
+  flood longer than a record is cut (with 16 KiB, a small last read could push out the rest);
 - ``mqttin``: an MQTT source with ``max_payload_bytes`` 4096 on a real mosquitto.
 
 Checked: the process never dies and exits 0 on SIGTERM; every byte sent over TCP is either
@@ -58,7 +60,7 @@ streams:
   - name: tcpin
     source: {{type: tcp, listen: "127.0.0.1:0", max_clients: 64, idle_timeout: {IDLE_TIMEOUT}, max_buffered_bytes: 65536}}
     framing: {{type: lines, max_record_bytes: 4096}}
-    queue: {{max_bytes: 16384, policy: drop_oldest}}
+    queue: {{max_bytes: 131072, policy: drop_oldest}}
     sinks:
       - {{type: jsonl, path: "{tmp_path / 'tcpin.jsonl'}", events: scores, flush_seconds: 0.2}}
   - name: mqttin

@@ -60,7 +60,7 @@ streams:
       - {{type: jsonl, path: "{tmp_path / 'telemetry.jsonl'}", events: scores, flush_seconds: 0}}
   - name: alarms
     source: {{type: file, path: "{tmp_path / 'alarms.log'}", start: beginning, poll_interval: 0.05}}
-    scoring: {{grace_period: 30, fast_records: 1, slow_records: 50}}
+    scoring: {{detector: surprise, onset_records: 0, grace_period: 30, fast_records: 1, slow_records: 50}}
     alerts: {{threshold: 0.9, n_of_m: [1, 1], close_below: 0.5, close_after: 1, cooldown_records: 0, learn_while_open: frozen}}
     sinks:
       - {{type: mqtt, host: {broker.host}, port: {broker.port}, qos: 1, client_id: faults-alarms, max_queued: {SINK_QUEUE}, {fast}}}
