@@ -866,12 +866,12 @@ def test_a_real_prometheus_scrapes_a_running_somad_and_fires_the_anomaly_rule(tm
         alert = wait_for("SomadStreamAnomaly to fire", lambda: firing(port, "SomadStreamAnomaly"), timeout=90)[0]
         assert alert["labels"]["stream"] == "sensor" and alert["labels"]["severity"] == "warning"
         score = re.search(r"latest anomaly score (\d\.\d{3})", alert["annotations"]["description"])
-        assert score and float(score.group(1)) >= 0.9, alert["annotations"]
+        assert score and 0.0 <= float(score.group(1)) <= 1.0, alert["annotations"]  # the latest record's: a new level soon looks less new
 
         # It fired for the injected fault: the alert the stream opened is on a faulty reading.
         opened = wait_for("the alert event", lambda: [e for e in score_events(alerts) if e["event"] == "alert_open"])
         on_fault = [e for e in opened if ",-" in e["record"]]
-        assert on_fault and on_fault[0]["timescales"], opened
+        assert on_fault and on_fault[0]["timescales"] and on_fault[0]["peak_anomaly"] >= 0.999, opened
     finally:
         if prom is not None:
             stop_process(prom)
