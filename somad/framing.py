@@ -1,8 +1,9 @@
 """Framing: cut a stream of scored bytes into records.
 
 The learner sees bytes, the scorer and the sinks see records. The framer sits after the
-learner: it is pushed each chunk's bytes *with* their per-byte loss (bits), carries partial
-records across chunks and yields each finished ``Record`` with the bits of its own bytes.
+learner: it is pushed each chunk's bytes *with* their per-byte loss (bits) and, when the
+scorer needs it, each prediction's entropy; it carries partial records across chunks and
+yields each finished ``Record`` with the bits (and entropy) of its own bytes.
 
 Types:
 
