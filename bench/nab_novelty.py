@@ -6,8 +6,8 @@ fresh ``somad.scoring.StreamScorer`` per file, without the learner, and scores w
 machine judges (``last_trigger``) with NAB's rules (``bench/nab_scorer``). ``bench/nab`` runs the
 full path (learner included) and gives the same figures for the same settings.
 
-Each of ``--depth``, ``--onset-records``, ``--slots`` and ``--grace`` takes a comma-separated
-list; every combination is one row. ``--split`` also scores the odd- and even-numbered files
+Each of ``--depth``, ``--onset-records``, ``--slots``, ``--grace`` and ``--repeats`` (on/off)
+takes a comma-separated list; every combination is one row. ``--split`` also scores the odd- and even-numbered files
 apart (sorted names) and reports, for each half, the setting chosen on it scored on the other:
 an honest figure for settings that were themselves chosen on NAB.
 
@@ -45,7 +45,9 @@ def triggers(rows: list[bytes], scoring: ScoringConfig) -> np.ndarray:
 
 def settings(args) -> list[ScoringConfig]:
     grids = [[int(v) for v in split_list(getattr(args, key))] for key in ("depth", "onset_records", "slots", "grace")]
-    return [ScoringConfig(detector="novelty", novelty_depth=d, onset_records=o, novelty_slots=s, grace_period=g) for d, o, s, g in itertools.product(*grids)]
+    repeats = [{"on": True, "off": False}[v] for v in split_list(args.repeats)]
+    return [ScoringConfig(detector="novelty", novelty_depth=d, onset_records=o, novelty_slots=s, grace_period=g, novelty_repeats=r)
+            for d, o, s, g, r in itertools.product(*grids, repeats)]  # fmt: skip
 
 
 def run(files: list[nab.LabelledFile], rows: dict[str, list[bytes]], profiles, scoring: ScoringConfig, halves: dict) -> dict:
@@ -54,7 +56,7 @@ def run(files: list[nab.LabelledFile], rows: dict[str, list[bytes]], profiles, s
     seconds = time.process_time() - t0
     n_bytes = sum(len(r) for f in files for r in rows[f.name])
     out = {"depth": scoring.novelty_depth, "onset_records": scoring.onset_records, "slots": scoring.novelty_slots,
-           "grace": scoring.grace, "bytes_per_s": n_bytes / max(seconds, 1e-9)}  # fmt: skip
+           "grace": scoring.grace, "repeats": scoring.novelty_repeats, "bytes_per_s": n_bytes / max(seconds, 1e-9)}  # fmt: skip
     for half, subset in halves.items():
         result = nab.score_detector(subset, scores, profiles)
         out[half] = {p: r.score for p, r in result.items()}
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--onset-records", default=str(defaults.onset_records), help="onset_records value(s), comma-separated")
     ap.add_argument("--slots", default=str(defaults.novelty_slots), help="novelty_slots value(s), comma-separated")
     ap.add_argument("--grace", default=str(defaults.grace), help="grace_period value(s), comma-separated")
+    ap.add_argument("--repeats", default="on" if defaults.novelty_repeats else "off", help="novelty_repeats: on, off or on,off")
     ap.add_argument("--split", action="store_true", help="also score odd/even files apart: choose on one half, report the other")
     ap.add_argument("--files", help="comma-separated subset (default: all 58)")
     ap.add_argument("--nab", help="NAB directory (default: ../shared/data/nab, or $SOMAD_NAB)")
@@ -84,10 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     for scoring in settings(args):
         results.append(run(files, rows, profiles, scoring, halves))
         r = results[-1]
-        log(f"  depth {r['depth']} onsets {r['onset_records']} slots {r['slots']} grace {r['grace']}: " + "  ".join(f"{h} {r[h]['standard']:.2f}" for h in halves))
+        log(f"  depth {r['depth']} onsets {r['onset_records']} slots {r['slots']} grace {r['grace']} repeats {r['repeats']}: " + "  ".join(f"{h} {r[h]['standard']:.2f}" for h in halves))
     results.sort(key=lambda r: -r["all"]["standard"])
-    headers = ["depth", "onset records", "slots", "grace", *(f"{h} {p}" for h in halves for p in ("std", "low FP", "low FN")), "threshold (std)", "bytes/s"]
-    print(table(headers, [(r["depth"], r["onset_records"], r["slots"], r["grace"], *(f"{r[h][p]:.2f}" for h in halves for p in nab.PROFILE_NAMES),
+    headers = ["depth", "onset records", "slots", "grace", "repeats", *(f"{h} {p}" for h in halves for p in ("std", "low FP", "low FN")), "threshold (std)", "bytes/s"]
+    print(table(headers, [(r["depth"], r["onset_records"], r["slots"], r["grace"], "on" if r["repeats"] else "off", *(f"{r[h][p]:.2f}" for h in halves for p in nab.PROFILE_NAMES),
                            f"{r['all_thresholds']['standard']:.6f}", f"{r['bytes_per_s']:,.0f}") for r in results]))  # fmt: skip
     if args.split:
         for pick, other in (("odd", "even"), ("even", "odd")):

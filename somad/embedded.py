@@ -32,6 +32,7 @@ streams:
       realtime: {realtime}
       faults:{faults}
     model: {{preset: {preset}}}
+    scoring: {{novelty_repeats: true}}  # the simulated sensor is noisy: a repeated reading is the stuck fault
     snapshot: {{every_seconds: 30}}
 """
 

@@ -37,6 +37,8 @@ errs towards novelty, never hides it.
 from __future__ import annotations
 
 import math
+import re
+import zlib
 from array import array
 
 import numpy as np
@@ -44,6 +46,8 @@ import numpy as np
 FNV_OFFSET, FNV_PRIME, MASK32 = 0x811C9DC5, 0x01000193, 0xFFFFFFFF
 FIELD_SEPARATORS = b",;\t |"  # a field's prefix restarts after these (a CSV line's columns)
 MAX_FIELDS = 8  # fields modelled per record; later ones are ignored
+_FIELD_SPLIT = re.compile(b"[" + re.escape(FIELD_SEPARATORS) + b"]")
+MAX_RUN = 4096  # repeat runs longer than this share the last bin of their tail
 PRIOR = 0.5  # escape pseudo-count a (bench/nab_novelty: 0.5 and 1.0 within 0.1 NAB points)
 PROBES = 4  # slots a prefix may live in
 ONE_WAY_CHANGES = 1  # prefix changes (without returns to a known prefix) that mark a field as a clock (_one_way)
@@ -77,7 +81,11 @@ class PrefixCounts:
 
     def observe(self, record: bytes) -> float:
         """-log2 P(the record's field prefixes) under the counts so far; then count them."""
-        prefixes = field_prefixes(record, self.depth)
+        return self.observe_fields(split_fields(record))
+
+    def observe_fields(self, fields: list[bytes]) -> float:
+        """``observe`` for a record already split (``split_fields``)."""
+        prefixes = [field[: self.depth] for field in fields]
         # In a one-field record the field is the reading itself: one that trends into new
         # ranges is just what NAB's anomalies are made of (skipping clocks there: -2.5 points).
         clocks = len(prefixes) > 1
@@ -197,6 +205,15 @@ class PrefixCounts:
         self.last, self.changes, self.returns = (array("q", row.tobytes()) for row in a["clocks"])
 
 
+def split_fields(record: bytes) -> list[bytes]:
+    """The record's first ``MAX_FIELDS`` fields (separators dropped; the last keeps the record's end).
+
+    >>> split_fields(b"2026-11-25T01:00:00,21.5\\n")
+    [b'2026-11-25T01:00:00', b'21.5\\n']
+    """
+    return _FIELD_SPLIT.split(record, MAX_FIELDS)[:MAX_FIELDS]
+
+
 def field_prefixes(record: bytes, depth: int) -> list[bytes]:
     """The first ``depth`` bytes of each of the record's first ``MAX_FIELDS`` fields.
 
@@ -205,16 +222,45 @@ def field_prefixes(record: bytes, depth: int) -> list[bytes]:
     >>> field_prefixes(b"12345.678\\n", 6)
     [b'12345.']
     """
-    out, start = [], 0
-    while len(out) < MAX_FIELDS:
-        end = start
-        while end < len(record) and record[end] not in FIELD_SEPARATORS:
-            end += 1
-        out.append(record[start : min(end, start + depth)])
-        if end >= len(record):
-            break
-        start = end + 1
-    return out
+    return [field[:depth] for field in split_fields(record)]
+
+
+class RepeatRuns:
+    """How unusually long each field's current run of identical values is, against the runs it
+    has completed so far: a sensor stuck on one reading shows nothing new, only too much of the
+    same. A field that never changes has completed no run and so is never judged; a clock that
+    repeats each value 20 times is judged when one lasts longer (it stopped)."""
+
+    def __init__(self, warmup: int = 100):
+        self.last = array("q", [EMPTY]) * MAX_FIELDS  # CRC-32 of each field's previous value
+        self.run = array("q", [0]) * MAX_FIELDS  # records its current value has lasted
+        self.tails = [EmpiricalTail(bin_bits=1.0, max_bits=MAX_RUN, warmup=warmup) for _ in range(MAX_FIELDS)]
+
+    def observe(self, fields: list[bytes]) -> float:
+        """-log10 P(a completed run >= the current one), the rarest over the fields; then count."""
+        rarity = 0.0
+        for i, field in enumerate(fields):
+            crc = zlib.crc32(field)
+            if crc == self.last[i]:
+                self.run[i] += 1
+            else:
+                if self.run[i]:
+                    self.tails[i].add(self.run[i])  # the run that just ended
+                self.last[i], self.run[i] = crc, 1
+            rarity = max(rarity, self.tails[i].rarity(self.run[i]))
+        return rarity
+
+    def state_dict(self) -> dict:
+        return {"last": np.frombuffer(self.last, dtype=np.int64).copy(), "run": np.frombuffer(self.run, dtype=np.int64).copy(),
+                "tails": [tail.state_dict() for tail in self.tails]}  # fmt: skip
+
+    def load_state_dict(self, d: dict) -> None:
+        last, run = np.asarray(d["last"], dtype=np.int64), np.asarray(d["run"], dtype=np.int64)
+        if last.shape != (MAX_FIELDS,) or run.shape != (MAX_FIELDS,) or (run < 0).any() or len(d["tails"]) != MAX_FIELDS:
+            raise ValueError(f"repeat runs: state does not fit {MAX_FIELDS} fields")
+        for tail, saved in zip(self.tails, d["tails"]):
+            tail.load_state_dict(saved)
+        self.last, self.run = array("q", last.tobytes()), array("q", run.tobytes())
 
 
 class EmpiricalTail:
@@ -229,20 +275,29 @@ class EmpiricalTail:
         self.warmup = warmup  # records before any judgement (0 until then)
 
     def judge(self, score: float) -> float:
-        """-log10 P(an earlier score >= ``score``), one pseudo-observation added; then count it.
+        """``rarity(score)``, then count the score.
 
         >>> tail = EmpiricalTail(warmup=3)
         >>> [round(tail.judge(s), 3) for s in (1.0, 1.0, 1.0, 1.0, 5.0, 1.0)]
         [0.0, 0.0, 0.0, 0.0, 0.699, 0.0]
         """
-        b = min(max(int(score / self.bin_bits), 0), len(self.bins) - 1)
-        out = 0.0
-        if self.total >= self.warmup:
-            at_least = sum(self.bins[b:])
-            out = -math.log10((at_least + 1.0) / (self.total + 1.0)) + 0.0  # + 0.0: no -0.0
-        self.bins[b] += 1
-        self.total += 1
+        out = self.rarity(score)
+        self.add(score)
         return out
+
+    def rarity(self, score: float) -> float:
+        """-log10 P(a score counted so far >= ``score``), one pseudo-observation added (0 during the warm-up)."""
+        if self.total < self.warmup:
+            return 0.0
+        at_least = sum(self.bins[self._bin(score) :])
+        return -math.log10((at_least + 1.0) / (self.total + 1.0)) + 0.0  # + 0.0: no -0.0
+
+    def add(self, score: float) -> None:
+        self.bins[self._bin(score)] += 1
+        self.total += 1
+
+    def _bin(self, score: float) -> int:
+        return min(max(int(score / self.bin_bits), 0), len(self.bins) - 1)
 
     def state_dict(self) -> dict:
         return {"bin_bits": self.bin_bits, "bins": np.frombuffer(self.bins, dtype=np.int64).copy(), "total": self.total}

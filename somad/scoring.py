@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .events import AlertEvent, RecordScored, Timescale
-from .novelty import EmpiricalTail, PrefixCounts
+from .novelty import EmpiricalTail, PrefixCounts, RepeatRuns, split_fields
 
 PHI = (1.0 + math.sqrt(5.0)) / 2.0  # the model's default base r (kept here: scoring imports no torch)
 
@@ -94,6 +94,7 @@ class ScoringConfig:
     detector: str = "novelty"  # novelty: how rare the record's field prefixes are in all the stream's history; surprise: soma's loss judged against its running statistics (NAB: bench/nab)
     novelty_depth: int = 6  # novelty: leading bytes of each field that are counted
     novelty_slots: int = 65536  # novelty: prefix table size, a power of two (24 bytes a slot, fixed)
+    novelty_repeats: bool = False  # novelty: also judge how long each field's value has stayed the same against its usual runs (a stuck sensor; NAB 57.04 -> 37.49: real series repeat values often)
     onset_records: int = 200  # an alert opens only at a record whose anomaly is the highest of the last this many (0: at any record)
     record_score: str = "mean"  # surprise: mean | max | sum of the record's bits; *_excess: the same over loss - entropy
     grace_period: int | None = None  # records scored 0 (never alerting) while warming up; None: the detector's own (GRACE_PERIODS)
@@ -482,7 +483,7 @@ class StreamScorer:
         self.band_taus = list(band_taus) if band_taus is not None else None
         self.fast = MovingMean(self.scoring.fast_records)
         self.slow = RunningMoments(self.scoring.slow_records)
-        self.novelty, self.tail = self._fresh_novelty()
+        self.novelty, self.tail, self.runs = self._fresh_novelty()
         self.recent: deque[float] = deque(maxlen=max(self.scoring.onset_records, 1))  # anomalies before this record (onsets)
         self.state = AlertState(self.alerts)
         self.records = 0  # records scored since the stream began (survives restarts via state_dict)
@@ -528,8 +529,9 @@ class StreamScorer:
         bits, entropy, shares, now = self._checked(bits, entropy, band_power, now)
         index = self.records
         if self.novelty is not None:
-            score = self.novelty.observe(bytes(record))
-            z, tail, anomaly = self._judge_novelty(score, index)
+            fields = split_fields(bytes(record))
+            score = self.novelty.observe_fields(fields)
+            z, tail, anomaly = self._judge_novelty(score, fields, index)
         else:
             score = record_score(bits, self.scoring.record_score, entropy)
             z, tail, anomaly = self._judge(score, index)
@@ -569,14 +571,18 @@ class StreamScorer:
             raise ValueError(f"{where}: entropy must be finite with one value per byte ({bits.size}), got shape {entropy.shape}")
         return bits, entropy, shares, now
 
-    def _fresh_novelty(self) -> tuple[PrefixCounts | None, EmpiricalTail | None]:
+    def _fresh_novelty(self) -> tuple[PrefixCounts | None, EmpiricalTail | None, RepeatRuns | None]:
         if self.scoring.detector != "novelty":
-            return None, None
-        return PrefixCounts(self.scoring.novelty_depth, self.scoring.novelty_slots), EmpiricalTail(warmup=self.scoring.grace)
+            return None, None, None
+        runs = RepeatRuns(warmup=self.scoring.grace) if self.scoring.novelty_repeats else None
+        return PrefixCounts(self.scoring.novelty_depth, self.scoring.novelty_slots), EmpiricalTail(warmup=self.scoring.grace), runs
 
-    def _judge_novelty(self, score: float, index: int) -> tuple[float, float, float]:
-        """-log10 p, p and 1 - p, p the share of the stream's earlier records at least as novel."""
+    def _judge_novelty(self, score: float, fields: list[bytes], index: int) -> tuple[float, float, float]:
+        """-log10 p, p and 1 - p: p the share of the stream's earlier records at least as novel,
+        or of its completed runs of one value at least as long as a field's current one, the rarer."""
         rarity = self.tail.judge(score)
+        if self.runs is not None:
+            rarity = max(rarity, self.runs.observe(fields))
         if index < self.scoring.grace:
             return 0.0, 1.0, 0.0
         tail = 10.0 ** -rarity
@@ -703,19 +709,22 @@ class StreamScorer:
             "usual_count": self._usual_count,
             "recent": [float(x) for x in self.recent],
             # numpy arrays (the checkpoint stores them as tensors): 24 bytes a slot as plain lists would be ~10x
-            "novelty": {"counts": self.novelty.state_dict(), "tail": self.tail.state_dict()} if self.novelty is not None else None,
+            "novelty": {"counts": self.novelty.state_dict(), "tail": self.tail.state_dict(), "runs": self.runs.state_dict() if self.runs is not None else None}
+            if self.novelty is not None else None,
         }
 
-    def _loaded_novelty(self, saved: dict | None) -> tuple[PrefixCounts | None, EmpiricalTail | None]:
+    def _loaded_novelty(self, saved: dict | None) -> tuple[PrefixCounts | None, EmpiricalTail | None, RepeatRuns | None]:
         """Novelty tables from a saved state; fresh ones when none was saved or its size differs."""
-        novelty, tail = self._fresh_novelty()
+        novelty, tail, runs = self._fresh_novelty()
         if novelty is None or saved is None:
-            return novelty, tail
+            return novelty, tail, runs
         if int(saved["counts"]["depth"]) != novelty.depth or int(saved["counts"]["slots"]) != novelty.slots:
-            return novelty, tail  # the config changed the table: counting starts afresh
+            return novelty, tail, runs  # the config changed the table: counting starts afresh
         novelty.load_state_dict(saved["counts"])
         tail.load_state_dict(saved["tail"])
-        return novelty, tail
+        if runs is not None and saved.get("runs") is not None:
+            runs.load_state_dict(saved["runs"])
+        return novelty, tail, runs
 
     def load_state_dict(self, d: dict) -> None:
         """Resume from ``state_dict()``. Windows resized in the config keep their latest values;
@@ -743,7 +752,7 @@ class StreamScorer:
             usual = np.array([float(v) for v in d["usual_shares"]]) if d["usual_shares"] is not None else None
             usual_count = min(float(d["usual_count"]), self.scoring.slow_records)
             recent = deque((float(x) for x in d.get("recent", [])), maxlen=self.recent.maxlen)
-            novelty, tail = self._loaded_novelty(d.get("novelty"))
+            novelty, tail, runs = self._loaded_novelty(d.get("novelty"))
         except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as err:
             raise ValueError(f"stream {self.stream!r}: malformed scorer state: {err!r}") from err
         counts = {"records": records, "alerts_total": alerts_total, "slow.count": slow.count, "slow.var": slow.var,
@@ -754,7 +763,7 @@ class StreamScorer:
         if state.open != (alert is not None):
             raise ValueError(f"stream {self.stream!r}: scorer state says alert open={state.open} but carries {alert is not None and 'an' or 'no'} open alert")
         self.fast, self.slow, self.state, self._alert = fast, slow, state, alert
-        self.recent, self.novelty, self.tail = recent, novelty, tail
+        self.recent, self.novelty, self.tail, self.runs = recent, novelty, tail, runs
         self.records, self.alerts_total = records, alerts_total
         self.last_score, self.last_z, self.last_tail, self.last_anomaly = last
         self._usual_shares, self._usual_count = usual, usual_count

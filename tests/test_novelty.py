@@ -12,7 +12,14 @@ import torch
 from somad.checkpoint import load_checkpoint, save_checkpoint
 from somad.learner import SomaLearner
 from somad.model import preset
-from somad.novelty import MAX_FIELDS, EmpiricalTail, PrefixCounts, field_prefixes
+from somad.novelty import (
+    MAX_FIELDS,
+    EmpiricalTail,
+    PrefixCounts,
+    RepeatRuns,
+    field_prefixes,
+    split_fields,
+)
 from somad.scoring import AlertConfig, ScoringConfig, StreamScorer
 
 ONE = np.ones(1)  # the novelty detector ignores soma's bits; the scorer still checks them
@@ -173,3 +180,35 @@ def test_a_state_without_novelty_or_of_another_size_starts_the_tables_fresh():
     resized = StreamScorer("sensor", ScoringConfig(grace_period=100, novelty_slots=1 << 10))
     resized.load_state_dict(a.state_dict())
     assert resized.records == 300 and resized.tail.total == 0
+
+
+def test_a_value_stuck_longer_than_its_usual_runs_is_rare_and_a_constant_field_never_judged():
+    runs = RepeatRuns(warmup=50)
+    lines = readings(1000)
+    rarities = [runs.observe(split_fields(b"OK," + line)) for line in lines]  # field 0 never changes
+    stuck = [runs.observe(split_fields(b"OK," + lines[-1])) for _ in range(5)]  # the reading freezes
+    assert stuck == sorted(stuck) and stuck[-1] > 2.99  # rarer with every record it lasts: longer than every run before
+    assert max(rarities) < stuck[-1] - 0.5  # (a reading repeated by chance once is rare-ish too: why this is an option)
+
+
+def test_a_clock_that_stops_is_a_rare_run_too():
+    runs = RepeatRuns(warmup=50)
+    for i in range(2000):
+        runs.observe(split_fields(b"%.1f,x\n" % (i // 20 / 10)))  # each clock value lasts 20 records
+    assert runs.observe(split_fields(b"99.9,x\n")) < 0.5
+    stopped = [runs.observe(split_fields(b"99.9,x\n")) for _ in range(25)]
+    assert max(stopped[:18]) < 0.5 < stopped[-1]  # only past its usual 20 records
+
+
+def test_with_repeats_a_stuck_sensor_alerts_at_the_start_of_the_run():
+    scorer = StreamScorer("sensor", ScoringConfig(grace_period=100, novelty_repeats=True), AlertConfig())
+    lines = readings(3000)
+    lines[2000:2040] = [lines[1999]] * 40
+    opened = []
+    for i, line in enumerate(lines):
+        _, events = scorer.score_record(line, ONE, now=float(i))
+        opened += [i for e in events if e.kind == "open"]
+    assert opened == [2001]  # the second record of the run is already longer than any run before
+    restored = StreamScorer("sensor", ScoringConfig(grace_period=100, novelty_repeats=True), AlertConfig())
+    restored.load_state_dict(scorer.state_dict())
+    assert restored.runs.run.tolist() == scorer.runs.run.tolist()
