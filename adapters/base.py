@@ -46,6 +46,7 @@ class SourceStatus:
     errors: int = 0  # faults seen: open failures, read errors, unplugs, broker losses
     dropped_bytes: int = 0  # bytes the source itself had to drop (over limits, full buffers)
     clients: int = 0  # connected peers, for listening sources
+    refused: int = 0  # connections a listening source turned away (over max_clients)
     last_error: str = ""
 
     def copy(self) -> "SourceStatus":

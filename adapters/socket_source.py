@@ -326,6 +326,7 @@ class _StreamSource(_SelectorSource):
                 self._finish_ended_peers()
             if len(self._peers) >= self.options.max_clients:
                 self._note("refused", "connection refused: max_clients reached", max_clients=self.options.max_clients)
+                self._count("refused")  # in status() too, for the metric
                 sock.close()  # counted first: whoever sees the close may look at the counters
                 continue
             sock.setblocking(False)

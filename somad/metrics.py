@@ -214,6 +214,7 @@ class Metrics:
         self.source_connected = Gauge("source_connected", "1 while the stream's source is connected, else 0.", **per_stream)
         self.source_reconnects = Counter("source_reconnects", "Source re-connections after a loss.", **per_stream)
         self.source_errors = Counter("source_errors", "Source faults: open failures, read errors, unplugs, broker losses.", **per_stream)
+        self.source_refused = Counter("source_refused_connections", "Connections a listening source refused: over max_clients.", **per_stream)
         self.stream_restarts = Counter("stream_restarts", "Restarts of the stream's pipeline after a failure.", **per_stream)
         # --- checkpoints
         self.checkpoint_age = Gauge("checkpoint_age_seconds", "Seconds since the last checkpoint that holds the stream's model (since start if none).", **per_stream)
@@ -232,7 +233,7 @@ class Metrics:
             self.bytes, self.records, self.dropped_bytes, self.cut_records, self.latency, self.anomaly,
             self.alerts_open, self.alerts, self.decimation_band, self.observations, self.cost,
             self.efficiency, self.learning_rate, self.faults, self.rollbacks, self.source_connected,
-            self.source_reconnects, self.source_errors, self.stream_restarts, self.checkpoint_age,
+            self.source_reconnects, self.source_errors, self.source_refused, self.stream_restarts, self.checkpoint_age,
             self.snapshot_duration, self.snapshots, self.snapshot_failures, self.sink_sent,
             self.sink_dropped, self.sink_errors,
         ]  # fmt: skip
@@ -306,6 +307,7 @@ class StreamMetrics:
         self._connected = m.source_connected.labels(name)
         self._reconnects = m.source_reconnects.labels(name)
         self._source_errors = m.source_errors.labels(name)
+        self._refused = m.source_refused.labels(name)
         self._restarts = m.stream_restarts.labels(name)
         self._snapshot_duration = m.snapshot_duration.labels(name)
         self._snapshots = m.snapshots.labels(name)
@@ -357,13 +359,15 @@ class StreamMetrics:
     # ------------------------------------------------------------------ polled state
 
     def set_source(self, status: SourceStatus) -> None:
-        """Take a ``SourceStatus`` (cumulative counts): connected state, reconnects, errors, drops."""
+        """Take a ``SourceStatus`` (cumulative counts): connected state, reconnects, errors, drops, refusals."""
         self._connected.set(1 if status.connected else 0)
         with self._lock:
             reconnects = self._source_totals.step("reconnects", status.reconnects)
             errors = self._source_totals.step("errors", status.errors)
             dropped = self._source_totals.step("dropped_bytes", status.dropped_bytes)
+            refused = self._source_totals.step("refused", status.refused)
         _inc(self._reconnects, reconnects)
+        _inc(self._refused, refused)
         _inc(self._source_errors, errors)
         _inc(self._dropped, dropped)
 

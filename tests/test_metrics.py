@@ -85,7 +85,7 @@ def value(text: str, name: str, **labels) -> float | None:
 def one_batch(handle, learner_stats: dict) -> None:
     """What the daemon does for one processed batch and one poll of its parts."""
     handle.observe_batch(bytes=600, records=120, bits=[0.5] * 590 + [9.0] * 10, anomaly=0.42, latency_seconds=[0.003, 0.02], dropped_bytes=7, cut_records=1)
-    handle.set_source(SourceStatus(connected=True, reconnects=2, errors=3, dropped_bytes=5))
+    handle.set_source(SourceStatus(connected=True, reconnects=2, errors=3, dropped_bytes=5, refused=4))
     handle.set_learner(learner_stats)
     handle.set_sink("0:jsonl", {"sent": 120, "dropped": 1, "errors": 0})
     handle.snapshot(duration=0.25, ok=True)
@@ -139,6 +139,7 @@ def test_values_after_one_batch(metrics, server, learner_stats, clock):
     assert value(text, "somad_source_connected", **s) == 1
     assert value(text, "somad_source_reconnects_total", **s) == 2
     assert value(text, "somad_source_errors_total", **s) == 3
+    assert value(text, "somad_source_refused_connections_total", **s) == 4
     assert value(text, "somad_sink_sent_total", **s) == 120
     assert value(text, "somad_sink_dropped_total", **s) == 1
     assert value(text, "somad_snapshot_duration_seconds", **s) == 0.25
