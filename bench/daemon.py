@@ -31,21 +31,14 @@ Units: 1 KB = 1000 bytes, 1 MB = 10^6 bytes. Tables on stdout, progress on stder
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.simulate import SimulateConfig, SimulatedSensor
 
@@ -55,19 +48,16 @@ from .common import (
     fmt_rate,
     log,
     machine_info,
-    process_cpu_seconds,
-    process_memory,
     table,
     write_json,
 )
+from .somad_process import SomadProcess
 
 BAUD_BYTES_PER_S = 115200 // 10  # 8N1: a start bit, 8 data bits, a stop bit per byte
 HOUR_BYTES = BAUD_BYTES_PER_S * 3600  # an hour of input at 115200 baud: 41.47 MB
-START_TIMEOUT = 120.0  # seconds for a fresh daemon to import torch and open its streams (loaded machine)
 OUT_DIR = Path(__file__).resolve().parent / "out"
-
-_SCRIPT = Path(sys.executable).with_name("somad")
-SOMAD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "somad"]
+START_TIMEOUT = 120.0  # seconds for a fresh daemon to import torch and open its streams (loaded machine)
+STOP_TIMEOUT = 60.0  # seconds for SIGTERM to end it (then it is killed)
 
 
 # ------------------------------------------------------------------ input
@@ -107,78 +97,10 @@ streams:
 """
 
 
-class DaemonProcess:
-    """``somad run --config`` in its own process: its JSON log read as it comes, /metrics and
-    /proc read on demand, stopped with SIGTERM."""
-
-    def __init__(self, workdir: Path, stream: str):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config = workdir / "somad.yaml"
-        self.config.write_text(config_text(workdir / "state", stream))
-        self.proc = subprocess.Popen(
-            [*SOMAD, "run", "--config", str(self.config)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=workdir,
-        )
-        self.events: dict[str, dict] = {}  # first event of each name
-        self.tail: collections.deque[str] = collections.deque(maxlen=50)
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-
-    def _read_log(self) -> None:
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            with self._changed:
-                self.tail.append(line)
-                if isinstance(event, dict) and "event" in event:
-                    self.events.setdefault(event["event"], event)
-                self._changed.notify_all()
-
-    def wait_event(self, name: str, timeout: float = START_TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while name not in self.events:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit(f"daemon: no {name!r} event within {timeout:.0f} s; log tail:\n" + "\n".join(self.tail))
-                self._changed.wait(0.2)
-            return self.events[name]
-
-    def scrape(self) -> dict:
-        """/metrics as {(sample name, sorted label items): value}."""
-        address = self.wait_event("metrics_listening")["address"]
-        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def rss_bytes(self) -> tuple[int, int]:
-        """(VmRSS, VmHWM) of the daemon in bytes: resident now, and the peak."""
-        memory = process_memory(self.proc.pid)
-        return memory["VmRSS"], memory["VmHWM"]
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the daemon so far."""
-        return process_cpu_seconds(self.proc.pid)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(10)
-        self._reader.join(5)
-        if rc != 0:
-            log(f"daemon exited with {rc}; log tail:\n" + "\n".join(self.tail))
-        return rc
+def rss_now_and_peak(daemon: SomadProcess) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of the daemon in bytes: resident now, and the peak."""
+    memory = daemon.memory()
+    return memory["VmRSS"], memory["VmHWM"]
 
 
 def sample(metrics: dict, name: str, stream: str, **labels) -> float:
@@ -194,8 +116,8 @@ class Window:
     cpu: float  # daemon CPU seconds
 
     @classmethod
-    def take(cls, daemon: DaemonProcess) -> Window:
-        return cls(time.monotonic(), daemon.scrape(), daemon.cpu_seconds())
+    def take(cls, daemon: SomadProcess) -> Window:
+        return cls(time.monotonic(), daemon.samples(), daemon.cpu_seconds())
 
 
 def latency_histogram(start: Window, end: Window, stream: str) -> dict:
@@ -304,7 +226,7 @@ def run_paced(preset: str, seconds: float, workdir: Path) -> dict:
     framing: {{type: lines}}
     model: {{preset: {preset}}}
     sinks: [{{type: jsonl, path: "{scores}", events: both, max_bytes: 0}}]"""
-    daemon = DaemonProcess(workdir, stream)
+    daemon = SomadProcess(workdir, config_text(workdir / "state", stream), START_TIMEOUT)
     try:
         daemon.wait_event("serial_connected")
         time.sleep(1.0)  # let the start-up's own work settle before the clock starts
@@ -312,13 +234,13 @@ def run_paced(preset: str, seconds: float, workdir: Path) -> dict:
         log(f"  [{preset} @115200] pacing {BAUD_BYTES_PER_S} bytes/s into {pty.link} for {seconds:.0f} s")
         sent_at, written, took = pace(pty, seconds, BAUD_BYTES_PER_S)
         sent_done = time.monotonic()
-        records = lambda: sample(daemon.scrape(), "somad_records_total", "uart0")
+        records = lambda: sample(daemon.samples(), "somad_records_total", "uart0")
         wait_until(lambda: records() >= len(sent_at), timeout=max(120.0, 2 * seconds), what="every line scored")
         after = Window.take(daemon)
         caught_up_s = after.t - sent_done
-        rss, peak = daemon.rss_bytes()
+        rss, peak = rss_now_and_peak(daemon)
     finally:
-        rc = daemon.stop()
+        rc = daemon.stop(STOP_TIMEOUT)
         pty.close()
     events = [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
     scored_at = {e["index"]: e["time"] for e in events if e.get("event") == "score"}
@@ -358,7 +280,7 @@ def run_max(preset: str, seconds: float, workdir: Path, warmup: float = 3.0) -> 
     framing: {{type: lines}}
     model: {{preset: {preset}}}
     sinks: [{{type: jsonl, path: "{workdir / 'scores.jsonl'}", events: both, max_bytes: 0}}]"""
-    daemon = DaemonProcess(workdir, stream)
+    daemon = SomadProcess(workdir, config_text(workdir / "state", stream), START_TIMEOUT)
     try:
         daemon.wait_event("ready")
         learned = lambda w: sample(w.metrics, "somad_bytes_total", "file0")
@@ -371,9 +293,9 @@ def run_max(preset: str, seconds: float, workdir: Path, warmup: float = 3.0) -> 
         while time.monotonic() < end and learned(after) < size:
             time.sleep(min(1.0, max(0.0, end - time.monotonic())))
             after = Window.take(daemon)
-        rss, peak = daemon.rss_bytes()
+        rss, peak = rss_now_and_peak(daemon)
     finally:
-        rc = daemon.stop()
+        rc = daemon.stop(STOP_TIMEOUT)
     elapsed = after.t - before.t
     return {
         "preset": preset,
@@ -406,7 +328,7 @@ def run_rss(preset: str, seconds: float, target_bytes: int, every: float, workdi
     framing: {{type: lines}}
     model: {{preset: {preset}}}
     sinks: [{{type: jsonl, path: "{workdir / 'alerts.jsonl'}", events: alerts}}]"""
-    daemon = DaemonProcess(workdir, stream)
+    daemon = SomadProcess(workdir, config_text(workdir / "state", stream), START_TIMEOUT)
     samples = []
     try:
         daemon.wait_event("ready")
@@ -414,15 +336,15 @@ def run_rss(preset: str, seconds: float, target_bytes: int, every: float, workdi
         log(f"  [rss {preset}] up to {fmt_duration(seconds)} or {fmt_bytes(size)}, RSS every {every:.0f} s")
         while True:
             now = time.monotonic()
-            learned = sample(daemon.scrape(), "somad_bytes_total", "hour")
-            rss, peak = daemon.rss_bytes()
+            learned = sample(daemon.samples(), "somad_bytes_total", "hour")
+            rss, peak = rss_now_and_peak(daemon)
             samples.append({"elapsed_s": now - started, "learned_bytes": learned, "rss_bytes": rss, "peak_rss_bytes": peak})
             log(f"  [rss {preset}] {fmt_duration(now - started)}: learned {fmt_bytes(learned)}, RSS {rss / 1e6:.1f} MB")
             if learned >= size or now - started >= seconds:
                 break
             time.sleep(min(every, max(0.1, seconds - (now - started))))
     finally:
-        rc = daemon.stop()
+        rc = daemon.stop(STOP_TIMEOUT)
     # Growth is counted from the first sample past 1 MB (the model, its buffers and torch's
     # caches have settled by then); a run that never got there has no growth figure.
     after_1mb = next((s for s in samples if s["learned_bytes"] >= 1_000_000), None)

@@ -30,19 +30,15 @@ import ast
 import fcntl
 import itertools
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.simulate import SimulateConfig, SimulatedSensor
 
@@ -52,16 +48,12 @@ from .common import (
     fmt_rate,
     log,
     machine_info,
-    process_cpu_seconds,
-    process_memory,
     table,
     write_json,
 )
+from .somad_process import SomadProcess
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
-START_TIMEOUT = 180.0  # seconds for a fresh daemon to import torch and open its stream (loaded machine)
-_SCRIPT = Path(sys.executable).with_name("somad")
-SOMAD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "somad"]
 FULL_SOAK_BYTES = 10**8  # the issue's soak
 
 
@@ -142,84 +134,20 @@ streams:
 """
 
 
-class Daemon:
-    """``somad run --config`` in its own process; its JSON log goes to a file read on demand."""
-
-    def __init__(self, workdir: Path, config: str):
-        self.config = workdir / "somad.yaml"
-        self.config.write_text(config)
-        self.log_path = workdir / "somad.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [*SOMAD, "run", "--config", str(self.config)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=workdir,
-        )
-        self.pid = self.proc.pid
-
-    def events(self, name: str) -> list[dict]:
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("event") == name:
-                found.append(entry)
-        return found
-
-    def wait_event(self, name: str, timeout: float = START_TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        while not (found := self.events(name)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"soak: no {name!r} from the daemon within {timeout:.0f} s; log tail:\n{self.tail()}")
-            time.sleep(0.1)
-        return found[0]
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def metrics(self) -> dict[str, float]:
-        """Samples of the ``soak`` stream (and process-wide ones) by name."""
-        address = self.wait_event("metrics_listening")["address"]
-        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=30).read().decode()
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.labels.get("stream", "soak") == "soak" and not s.name.endswith(("_bucket", "_created")):
-                    out[s.name] = out.get(s.name, 0.0) + s.value
-        return out
-
-    def rss_bytes(self) -> int:
-        rss = process_memory(self.pid).get("VmRSS")
-        if rss is None:
-            raise SystemExit(f"soak: no VmRSS for pid {self.pid}")
-        return rss
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the daemon so far (on a shared machine, its real work)."""
-        return process_cpu_seconds(self.pid)
-
-    def stop(self, timeout: float = 120.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait(10)
-        self._log.close()
-        return rc
+def soak_metrics(daemon: SomadProcess) -> dict[str, float]:
+    """Samples of the ``soak`` stream (and process-wide ones) by name, summed over other labels."""
+    out: dict[str, float] = {}
+    for (name, labels), value in daemon.samples().items():
+        if dict(labels).get("stream", "soak") == "soak" and not name.endswith(("_bucket", "_created")):
+            out[name] = out.get(name, 0.0) + value
+    return out
 
 
 # ------------------------------------------------------------------ the run
 
 
-def sample(daemon: Daemon, started: float) -> dict:
-    m = daemon.metrics()
+def sample(daemon: SomadProcess, started: float) -> dict:
+    m = soak_metrics(daemon)
     return {
         "t": round(time.monotonic() - started, 3),
         "bytes": int(m.get("somad_bytes_total", 0)),
@@ -227,7 +155,7 @@ def sample(daemon: Daemon, started: float) -> dict:
         "snapshots": int(m.get("somad_snapshots_total", 0)),
         "snapshot_failures": int(m.get("somad_snapshot_failures_total", 0)),
         "dropped_bytes": int(m.get("somad_dropped_bytes_total", 0)),
-        "rss": daemon.rss_bytes(),
+        "rss": daemon.memory()["VmRSS"],
         "fds": daemon.fds(),
         "cpu": daemon.cpu_seconds(),
     }
@@ -242,7 +170,7 @@ def run(args, workdir: Path) -> dict:
         source = f'{{type: file, path: "{data}", start: beginning, poll_interval: 0.2}}'
     else:
         source = '{type: tcp, listen: "127.0.0.1:0", idle_timeout: 0}'
-    daemon = Daemon(workdir, config_text(workdir, source, args.preset, args.snapshot_seconds))
+    daemon = SomadProcess(workdir, config_text(workdir, source, args.preset, args.snapshot_seconds))
     try:
         daemon.wait_event("ready")
         feeder = None
