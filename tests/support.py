@@ -1,9 +1,13 @@
-"""Helpers the daemon-level tests share: waiting, a daemon on a thread, CSV-like input."""
+"""Helpers the daemon-level tests share: waiting, a daemon on a thread, CSV-like input, a
+test-only source of keyed records."""
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
+
+from adapters.base import Chunk, Source
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
@@ -45,3 +49,28 @@ class DaemonThread:
         self.daemon.request_stop()
         self.thread.join(60)
         assert not self.thread.is_alive(), "daemon did not stop"
+
+
+@dataclass(frozen=True)
+class KeyedOptions:
+    keys: tuple[str, ...] = ("k1", "k2")  # the keys records come under, in turn (starting at the second)
+    interval: float = 0.02  # seconds between records
+
+
+class KeyedSource(Source):
+    """Test-only source (register it as ``tests.support:KeyedSource``): CSV records under
+    several keys in turn, as MQTT topics would bring them, for split_by_key streams."""
+
+    type_name = "keyed"
+    Options = KeyedOptions
+
+    def start(self):
+        self._n = 0
+
+    def read(self, timeout):
+        time.sleep(self.options.interval)
+        self._n += 1
+        return [Chunk(f"{self._n % 10},{self._n % 7}\n".encode(), key=self.options.keys[self._n % len(self.options.keys)])]
+
+    def stop(self):
+        pass

@@ -16,7 +16,7 @@ from somad.checkpoint import CheckpointStore
 from somad.config import SourceConfig, parse_config
 from somad.daemon import Daemon
 from somad.metrics import Metrics
-from tests.support import DaemonThread, csv_lines, learned_bytes, wait_for
+from tests.support import DaemonThread, KeyedOptions, csv_lines, learned_bytes, wait_for
 
 
 def config_text(tmp_path: Path, streams: str, **top) -> str:
@@ -184,9 +184,10 @@ def test_a_source_faster_than_the_learner_drops_oldest_and_counts_every_byte(tmp
 
 
 def test_split_by_key_keeps_one_model_and_checkpoint_set_per_key(tmp_path, monkeypatch):
-    monkeypatch.setitem(adapters.registry.SOURCES, "keyed", f"{__name__}:KeyedSource")
+    monkeypatch.setitem(adapters.registry.SOURCES, "keyed", "tests.support:KeyedSource")
     cfg = parse_config(config_text(tmp_path, file_stream(tmp_path)))
-    keyed = replace(cfg.streams[0], source=SourceConfig("keyed", KeyedOptions()), split_by_key=True, max_substreams=2)
+    arrival = KeyedOptions(keys=("b", "a/x", "c"), interval=0.01)  # arrival order: a/x, c, b (refused), ...
+    keyed = replace(cfg.streams[0], source=SourceConfig("keyed", arrival), split_by_key=True, max_substreams=2)
     cfg = replace(cfg, streams=(keyed,))
     with running(cfg) as daemon:
         runner = wait_for(lambda: daemon.runners.get("log"), what="runner")
@@ -194,28 +195,6 @@ def test_split_by_key_keeps_one_model_and_checkpoint_set_per_key(tmp_path, monke
         assert sorted(m.name for m in runner.pipeline.models.values()) == ["log/a/x", "log/c"]
     dirs = sorted(p.name for p in (tmp_path / "state" / "log").iterdir())
     assert len(dirs) == 2 and all(list((tmp_path / "state" / "log" / d).glob("*.pt")) for d in dirs)
-
-
-@dataclass(frozen=True)
-class KeyedOptions:
-    keys: tuple[str, ...] = ("b", "a/x", "c")  # arrival order: a/x, c, b (refused), ...
-
-
-class KeyedSource(Source):
-    type_name = "keyed"
-    Options = KeyedOptions
-
-    def start(self):
-        self._n = 0
-
-    def read(self, timeout):
-        time.sleep(0.01)
-        self._n += 1
-        key = self.options.keys[self._n % len(self.options.keys)]
-        return [Chunk(b"12,3\n", key=key, is_record=False)]
-
-    def stop(self):
-        pass
 
 
 @pytest.mark.parametrize("policy", ["fresh", "exit"])

@@ -15,14 +15,12 @@ import socket
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import structlog
 
 import adapters.registry
-from adapters.base import Chunk, Source
 from somad.checkpoint import load_checkpoint
 from somad.config import parse_config
 from somad.daemon import Daemon
@@ -133,31 +131,8 @@ def test_only_changed_streams_restart_and_they_resume_from_their_checkpoint(tmp_
     assert score_count(tmp_path / "b-scores.jsonl") == 500  # b resumed at its saved offset: no line scored twice
 
 
-@dataclass(frozen=True)
-class KeyedOptions:
-    keys: tuple[str, ...] = ("k1", "k2")
-
-
-class KeyedSource(Source):
-    """Records under two keys (as MQTT topics would be), for split_by_key streams."""
-
-    type_name = "keyed"
-    Options = KeyedOptions
-
-    def start(self):
-        self._n = 0
-
-    def read(self, timeout):
-        time.sleep(0.02)
-        self._n += 1
-        return [Chunk(f"{self._n % 10},{self._n % 7}\n".encode(), key=self.options.keys[self._n % len(self.options.keys)])]
-
-    def stop(self):
-        pass
-
-
 def test_added_and_removed_streams_start_and_stop_and_removed_series_go(tmp_path, monkeypatch):
-    monkeypatch.setitem(adapters.registry.SOURCES, "keyed", f"{__name__}:KeyedSource")
+    monkeypatch.setitem(adapters.registry.SOURCES, "keyed", "tests.support:KeyedSource")
     for name in ("a", "c"):
         (tmp_path / f"{name}.csv").write_bytes(lines(0, 200))
     keyed = "  - name: b\n    source: {type: keyed}\n    split_by_key: true\n"
