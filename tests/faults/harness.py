@@ -444,18 +444,48 @@ def fixed_line(index: int, width: int) -> bytes:
     return text.ljust(width - 1)[: width - 1].encode() + b"\n"
 
 
-class AppendingWriter:
+class Periodic:
+    """A test's helper thread: ``tick()`` every ``period`` seconds from ``start()`` (or the
+    with-block's start) until ``stop()`` (its end); a tick that returns False ends it early."""
+
+    def __init__(self, name: str, period: float):
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def tick(self) -> bool | None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            if self.tick() is False:
+                return
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class AppendingWriter(Periodic):
     """A thread appending ``fixed_line``s to ``path`` at about ``rate`` bytes/s, in whole lines
     (one ``write`` each batch, so that a reader sees whole lines almost always)."""
 
     def __init__(self, path: Path, rate: float, width: int = 16, period: float = 0.02):
+        super().__init__("appending-writer", period)
         self.path = Path(path)
         self.width = width
         self.lines_per_tick = max(1, round(rate * period / width))
-        self.period = period
         self.lines = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="appending-writer", daemon=True)
 
     def write_lines(self, n: int) -> None:
         data = b"".join(fixed_line(self.lines + i, self.width) for i in range(n))
@@ -463,18 +493,12 @@ class AppendingWriter:
             f.write(data)
         self.lines += n
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self.write_lines(self.lines_per_tick)
+    def tick(self) -> None:
+        self.write_lines(self.lines_per_tick)
 
-    def start(self) -> AppendingWriter:
-        self._thread.start()
-        return self
-
-    def stop(self) -> int:
+    def stop(self, timeout: float = 10.0) -> int:
         """Stop appending; returns the file's size."""
-        self._stop.set()
-        self._thread.join(10)
+        super().stop(timeout)
         return self.path.stat().st_size
 
 

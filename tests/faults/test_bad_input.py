@@ -29,16 +29,14 @@ import os
 import random
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import paho.mqtt.client as mqtt
 
 from tests.brokers import Mosquitto
 from tests.faults.figures import record
-from tests.faults.harness import DaemonProcess, start_daemon, wait_until
+from tests.faults.harness import DaemonProcess, Periodic, start_daemon, wait_until
 
 STORM_CONNECTIONS = 3000  # connect/disconnect cycles
 HALF_OPEN = 20  # connections that send part of a line and then stay silent
@@ -69,32 +67,23 @@ streams:
 """
 
 
-class RssSampler:
+class RssSampler(Periodic):
     """Samples the daemon's RSS every 0.1 s in a thread."""
 
     def __init__(self, daemon: DaemonProcess):
+        super().__init__("rss-sampler", 0.1)
         self.daemon = daemon
         self.samples: list[tuple[float, int]] = []  # (time.monotonic(), bytes)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            try:
-                self.samples.append((time.monotonic(), self.daemon.rss_bytes()))
-            except (OSError, AssertionError):
-                return  # the process is gone: the test will say so
+    def tick(self) -> bool:
+        try:
+            self.samples.append((time.monotonic(), self.daemon.rss_bytes()))
+        except (OSError, AssertionError):
+            return False  # the process is gone: the test will say so
+        return True
 
     def peak_since(self, since: float) -> int:
         return max((rss for at, rss in self.samples if at >= since), default=0)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 class TcpFeed:

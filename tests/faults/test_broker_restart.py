@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import paho.mqtt.client as mqtt
 
 from tests.brokers import Mosquitto
 from tests.faults.figures import record
-from tests.faults.harness import InProcessDaemon, summarize, wait_until
+from tests.faults.harness import InProcessDaemon, Periodic, summarize, wait_until
 
 ROUNDS = 4  # broker kills
 BATCH = 20  # QoS 1 messages published per batch
@@ -68,34 +66,24 @@ streams:
 """
 
 
-class AlarmWriter:
+class AlarmWriter(Periodic):
     """Appends sensor-like lines to a file, 50 a second, one garbage line in 25 (an alert)."""
 
     def __init__(self, path: Path):
+        super().__init__("alarm-writer", 0.1)
         self.path = path
         self.lines = 0
         self._rng = random.Random(8)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="alarm-writer", daemon=True)
 
     def _line(self, i: int) -> bytes:
         if i % 25 == 24:
             return ("".join(self._rng.choice("!@#$%^&*QZXJ~") for _ in range(12)) + "\n").encode()
         return f"{20 + i % 5}.{i % 10},ok\n".encode()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            with self.path.open("ab") as f:
-                f.write(b"".join(self._line(self.lines + i) for i in range(5)))
-            self.lines += 5
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def tick(self) -> None:
+        with self.path.open("ab") as f:
+            f.write(b"".join(self._line(self.lines + i) for i in range(5)))
+        self.lines += 5
 
 
 class Client:

@@ -25,12 +25,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import pytest
 
 from tests.faults.figures import record
-from tests.faults.harness import InProcessDaemon, summarize, wait_until
+from tests.faults.harness import InProcessDaemon, Periodic, summarize, wait_until
 
 UNPLUGS = 4
 DOWN_SECONDS = 2.0  # long enough for the reopen backoff to reach its cap, and for a scrape to see 0
@@ -65,18 +64,18 @@ class VirtualSerial:
         wait_until(lambda: not self.host.exists(), 10, "the host link to vanish")
 
 
-class SensorWriter:
+class SensorWriter(Periodic):
     """Writes one line every 20 ms to the device end while it is plugged in; lines carry the
     plug-in epoch and a counter (``e3-000042``)."""
 
     def __init__(self, serial: VirtualSerial):
+        super().__init__("sensor-writer", 0.02)
         self.serial = serial
         self.epoch = 0
         self.written: list[tuple[str, float]] = []  # (line, time.monotonic() it was written)
         self._fd: int | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sensor-writer", daemon=True)
+        self._count = 0
 
     def attach(self, epoch: int) -> None:
         with self._lock:
@@ -89,27 +88,20 @@ class SensorWriter:
         if fd is not None:
             os.close(fd)
 
-    def _run(self) -> None:
-        count = 0
-        while not self._stop.wait(0.02):
-            with self._lock:
-                if self._fd is None:
-                    continue
-                line = f"e{self.epoch}-{count:06d}"
-                try:
-                    os.write(self._fd, (line + "\n").encode())
-                except OSError:
-                    continue  # unplugged under us: this line is not written
-                self.written.append((line, time.monotonic()))
-                count += 1
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
+    def tick(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            line = f"e{self.epoch}-{self._count:06d}"
+            try:
+                os.write(self._fd, (line + "\n").encode())
+            except OSError:
+                return  # unplugged under us: this line is not written
+            self.written.append((line, time.monotonic()))
+            self._count += 1
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().__exit__(*exc)
         self.detach()
 
 
