@@ -59,6 +59,7 @@ class SimulateConfig:
     decimals: int = 2
     seed: int = 0
     realtime: bool = False
+    clock_start: float = 0.0  # seconds added to each line's time stamp (the embedded default starts at the wall clock, so a restarted demo's clock goes on instead of repeating)
     faults: tuple[Fault, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -115,9 +116,7 @@ class SimulatedSensor:
         for f in c.faults:
             if not f.active(line):
                 continue
-            if f.kind == "spike":
-                v += f.magnitude * c.amplitude
-            elif f.kind == "shift":
+            if f.kind == "spike" or f.kind == "shift":
                 v += f.magnitude * c.amplitude
             elif f.kind == "noise":
                 noise *= 10.0
@@ -128,7 +127,7 @@ class SimulatedSensor:
     def next_line(self) -> bytes:
         v = self.value(self.line)
         self._last_value = v
-        t = self.line / self.cfg.rate
+        t = self.cfg.clock_start + self.line / self.cfg.rate
         self.line += 1
         return f"{t:.1f},{v:.{self.cfg.decimals}f}\n".encode()
 

@@ -10,6 +10,7 @@ No broker, device or file is needed.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 # Faults the embedded sensor injects (line numbers), so alerts show up without hardware.
@@ -30,6 +31,7 @@ streams:
       type: simulate
       rate: {rate}
       realtime: {realtime}
+      clock_start: {clock_start}  # the wall clock: a restarted demo's time stamps go on (a clock that repeats looks like news)
       faults:{faults}
     model: {{preset: {preset}}}
     scoring: {{novelty_repeats: true}}  # the simulated sensor is noisy: a repeated reading is the stuck fault
@@ -54,6 +56,7 @@ def embedded_config_text(preset: str = "small", rate: float = 200.0, realtime: b
         state_dir=state_dir or default_state_dir(),
         rate=rate,
         realtime="true" if realtime else "false",
+        clock_start=int(time.time()),
         preset=preset,
         faults=EMBEDDED_FAULTS,
         log_format=log_format,
