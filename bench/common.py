@@ -68,18 +68,20 @@ def split_list(text: str | None) -> list[str]:
 MODES = ("d0", "adaptive")  # d0: learn from every byte; adaptive: surprise-adaptive d (default)
 
 
-def learner_config(mode: str) -> LearnerConfig:
+def learner_config(mode: str, kernel: str = "auto") -> LearnerConfig:
     if mode == "d0":
-        return LearnerConfig(metabolism=MetabolismConfig(mode="fixed", d=0.0))
+        return LearnerConfig(metabolism=MetabolismConfig(mode="fixed", d=0.0), kernel=kernel)
     if mode == "adaptive":
-        return LearnerConfig()
+        return LearnerConfig(kernel=kernel)
     raise SystemExit(f"unknown mode {mode!r}; choose from {list(MODES)}")
 
 
-def make_learner(preset_name: str, mode: str) -> SomaLearner:
+def make_learner(preset_name: str, mode: str, kernel: str = "auto") -> SomaLearner:
+    """A learner for a bench mode; ``kernel`` as LearnerConfig.kernel ("native" fails loudly
+    where the compiled kernel cannot be built)."""
     if preset_name not in PRESETS:
         raise SystemExit(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
-    return SomaLearner(preset(preset_name), learner_config(mode))
+    return SomaLearner(preset(preset_name), learner_config(mode, kernel))
 
 
 def set_threads(n: int) -> int:

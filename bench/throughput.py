@@ -12,7 +12,10 @@ nab_realKnownCause.csv from the corpus directory; cycled when more bytes are nee
    used in that mode, the mean number of distinct byte values per chunk of that length in the
    input, and the measured observations/byte; the achieved GFLOP/s = 2 * MACs/byte * bytes/s;
    and how far that is from this machine's single-thread fp32 GEMM rate (256x384 @ 384x384);
-3. with ``--baseline DIR`` (a directory holding another version's model.py, learner.py and
+3. with ``--kernels native,torch`` (default: the learner's "auto"), each forward path of this
+   tree timed in turn on the same bytes (somad/native.py: the compiled recurrence; torch: the
+   lag-mode GEMMs), and the CPU-time ratio per mode;
+   with ``--baseline DIR`` (a directory holding another version's model.py, learner.py and
    metabolism.py, e.g. from ``git show``), the same modes for that version, timed piece by
    piece in turn with this one on the same bytes, and the CPU-time ratio per mode;
 4. RSS of an adaptive learner after 1 MB and after ``--rss-mb`` MB of input (default 50;
@@ -22,6 +25,7 @@ nab_realKnownCause.csv from the corpus directory; cycled when more bytes are nee
     PYTHONPATH=. python -m bench.throughput --json bench/out/throughput.json
     mkdir -p /tmp/old && for f in model learner metabolism; do git show HEAD~1:somad/$f.py > /tmp/old/$f.py; done
     PYTHONPATH=. python -m bench.throughput --baseline /tmp/old --rss-mb 0
+    PYTHONPATH=. python -m bench.throughput --kernels native,torch --rss-mb 0
 
 Units: 1 KB = 1000 bytes, 1 MB = 10^6 bytes.
 """
@@ -120,22 +124,33 @@ class Impl:
     learner: ModuleType  # its somad.learner
     metabolism: ModuleType  # its somad.metabolism
     model: ModuleType  # its somad.model
+    kernel: str = "auto"  # this tree's LearnerConfig.kernel
 
     def make(self, preset_name: str, mode: str):
         """A learner as bench.common.make_learner builds one: fixed d = 0 for mode d0, else the defaults."""
         if self.learner is somad.learner:
-            return make_learner(preset_name, "d0" if mode == "d0" else "adaptive")
+            return make_learner(preset_name, "d0" if mode == "d0" else "adaptive", self.kernel)
         meta = self.metabolism.MetabolismConfig(mode="fixed", d=0.0) if mode == "d0" else self.metabolism.MetabolismConfig()
         return self.learner.SomaLearner(self.model.preset(preset_name), self.learner.LearnerConfig(metabolism=meta))
 
-    def macs_per_byte(self, cfg, distinct: float, chunk: int, obs_per_byte: float, reproject: bool) -> float:
-        fn = self.model.macs_per_byte
-        if "reproject" in inspect.signature(fn).parameters:
+    def macs_per_byte(self, learner, distinct: float, chunk: int, obs_per_byte: float, reproject: bool) -> float:
+        fn, cfg = self.model.macs_per_byte, learner.cfg
+        params = inspect.signature(fn).parameters
+        if "kernel" in params:
+            return fn(cfg, distinct, chunk, obs_per_byte, reproject=reproject, kernel=learner.kernel)
+        if "reproject" in params:
             return fn(cfg, distinct, chunk, obs_per_byte, reproject=reproject)
         return fn(cfg, distinct, chunk, obs_per_byte)
 
 
 THIS = Impl("this tree", somad.learner, somad.metabolism, somad.model)
+
+
+def this_tree(kernels: list[str]) -> list[Impl]:
+    """This tree's learner once per kernel asked for (one unnamed entry for the default)."""
+    if kernels == ["auto"]:
+        return [THIS]
+    return [Impl(f"this tree, {kernel}", somad.learner, somad.metabolism, somad.model, kernel) for kernel in kernels]
 
 
 def load_baseline(directory: str) -> Impl:
@@ -230,10 +245,11 @@ def measure_mode(mode: str, preset_name: str, data: bytes, args, impls: list[Imp
             chunk = float(m.bytes_per_observation_batch(lc.batch, lc.max_chunk))  # fixed at d = 0
         chunk_int = max(1, round(chunk))
         distinct = distinct_per_chunk(data, chunk_int)
-        macs = impl.macs_per_byte(learner.cfg, distinct, chunk_int, obs_per_byte, reproject=mode == "d0")
+        macs = impl.macs_per_byte(learner, distinct, chunk_int, obs_per_byte, reproject=mode == "d0")
         cpu_rate = t.bytes / t.cpu if t.cpu > 0 else float("inf")
         result = {
             "impl": impl.name,
+            "kernel": getattr(learner, "kernel", "torch"),
             "mode": mode,
             "bytes": t.bytes,
             "seconds": t.wall,
@@ -329,7 +345,8 @@ def render(meta: dict, modes: list[dict], peak: float, rss: dict | None) -> str:
         ])
     headers = ["mode", *(["version"] if with_impl else []), "bytes/CPU-s", "bytes/s wall", "target", "result", "d (timed)", "obs/byte", "chunk", "distinct/chunk", "MACs/byte", "GFLOP/s", "within Nx of FLOP bound", "CPU/wall"]
     out = [
-        f"## soma throughput: preset {meta['preset']}, 1 thread, input {meta['input']} ({meta['cpu']})",
+        f"## soma throughput: preset {meta['preset']}, 1 thread, input {meta['input']} ({meta['cpu']}); forward kernel: "
+        + ", ".join(f"{name} = {kernel}" for name, kernel in meta.get("kernels", {}).items()),
         "",
         table(headers, rows, "l" + ("l" if with_impl else "") + "rrrlrrrrrrrr"),
         "",
@@ -337,17 +354,19 @@ def render(meta: dict, modes: list[dict], peak: float, rss: dict | None) -> str:
         " (on a shared machine wall time also counts waiting for a core: CPU/wall well below 1.00).",
         f"FLOP bound: single-thread fp32 GEMM 256x384 @ 384x384 on this machine = {peak:.1f} GFLOP per CPU-second;"
         " 'within Nx' = that / (2 * MACs/byte * bytes/CPU-s).",
-        "MACs/byte: macs_per_byte(cfg, distinct/chunk, chunk, obs/byte) of that version's somad.model, chunk = mean chunk"
+        "MACs/byte: macs_per_byte(cfg, distinct/chunk, chunk, obs/byte, kernel) of that version's somad.model, chunk = mean chunk"
         " length the learner used in that mode (max_chunk when scoring or at high d; batch at d = 0).",
     ]
     if with_impl:
-        base_name = next(r["impl"] for r in modes if r["impl"] != THIS.name)
+        names = list(dict.fromkeys(r["impl"] for r in modes))
+        first, rest = names[0], names[1:]
         by = {(r["mode"], r["impl"]): r for r in modes}
-        ratios = []
-        for mode in dict.fromkeys(r["mode"] for r in modes):
-            this, base = by[mode, THIS.name], by[mode, base_name]
-            ratios.append(f"{MODE_LABELS[mode]} {this['bytes_per_cpu_s'] / base['bytes_per_cpu_s']:.2f}x")
-        out.append("CPU time per byte, baseline / this tree (same bytes, timed in turn): " + ", ".join(ratios) + ".")
+        for other in rest:
+            ratios = []
+            for mode in dict.fromkeys(r["mode"] for r in modes):
+                this, base = by[mode, first], by[mode, other]
+                ratios.append(f"{MODE_LABELS[mode]} {this['bytes_per_cpu_s'] / base['bytes_per_cpu_s']:.2f}x")
+            out.append(f"CPU time per byte, {other} / {first} (same bytes, timed in turn): " + ", ".join(ratios) + ".")
     for adaptive in (r for r in modes if r["mode"] == "adaptive"):
         out.append(
             f"Adaptive [{adaptive['impl']}]: warmed up on the first {fmt_bytes(meta['warm_bytes'])} of the input (d reached {adaptive['d_after_warmup']:.2f}),"
@@ -388,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="score,d0,adaptive", help="comma-separated subset of score,d0,adaptive")
     ap.add_argument("--score-piece", type=int, default=16384, help="bytes per L.score call (default 16384)")
     ap.add_argument("--learn-piece", type=int, default=4096, help="bytes per L.learn call (default 4096)")
+    ap.add_argument("--kernels", default="auto", help="comma-separated LearnerConfig.kernel values to time in turn, e.g. native,torch (default auto)")
     ap.add_argument("--baseline", metavar="DIR", help="also time the model.py, learner.py and metabolism.py in DIR (another version), in turn with this one")
     ap.add_argument("--quick", action="store_true", help="smoke test: 0.5 s per mode, 100 KB warm-up, 2 MB RSS run")
     ap.add_argument("--json", metavar="OUT", help="write results as JSON")
@@ -426,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     peak = gemm_peak_gflops(peak_seconds)
     log(f"single-thread fp32 GEMM peak: {peak:.1f} GFLOP/s")
 
-    impls = [THIS] + ([load_baseline(args.baseline)] if args.baseline else [])
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    if not kernels or any(k not in somad.learner.KERNELS for k in kernels):
+        ap.error(f"--kernels: choose from {', '.join(somad.learner.KERNELS)}")
+    impls = this_tree(kernels) + ([load_baseline(args.baseline)] if args.baseline else [])
+    meta["kernels"] = {impl.name: impl.make(args.preset, "score").kernel for impl in impls if impl.learner is somad.learner}
     if args.baseline:
         meta["baseline"] = args.baseline
     results = []
@@ -435,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         results.extend(measure_mode(mode, args.preset, data, args, impls))
         gc.collect()
 
-    rss = None
+    rss = None  # with the default kernel: what the daemon runs
     if args.rss_mb:
         log(f"RSS run through {args.rss_mb:g} MB (progress every 10 s) ...")
         rss = measure_rss(args.preset, data, args.rss_mb, 1 << 16)

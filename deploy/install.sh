@@ -250,6 +250,7 @@ somad_wheel_dir() {
     mkdir -p "$build_dir/src" "$build_dir/wheels"
     cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/somad" "$SRC/adapters" "$build_dir/src/"
     find "$build_dir/src" -name __pycache__ -prune -exec rm -rf {} +
+    find "$build_dir/src" -name 'recurrence-*.so' -delete  # kernels built in the checkout: this device's are built below
     local idx
     mapfile -t idx < <(index_args)
     say "building somad $version from $SRC"
@@ -281,6 +282,10 @@ install_somad() {
         echo "$digest" >"$stamp"
         CHANGED=1
     fi
+    # The learner's native kernel, built now into the package: the service's file system is
+    # read-only (ProtectSystem=strict). Without a compiler the service runs the torch path.
+    "$VENV/bin/python" -I -m somad.native >/dev/null 2>&1 \
+        || say "note: no native kernel built (no C compiler?): somad will learn with its slower torch path"
     rm -rf "$build_dir"
     trap - EXIT
     ln -sfn /opt/somad/venv/bin/somad "$BIN_LINK"

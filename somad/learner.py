@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import native
 from .metabolism import Metabolism, MetabolismConfig
 from .model import (
     LN2,
@@ -50,7 +51,11 @@ from .model import (
     output_gradient,
     project_rows,
     read_rows,
+    readout,
 )
+
+
+KERNELS = ("auto", "native", "torch")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class LearnerConfig:
     max_chunk: int = 128  # bytes scored together at most (fewer, larger GEMMs; kernel memory grows as chunk^2)
     window_bytes: int = 256  # at high d, learn at least this often even before batch observations (staleness vs cost, see README)
     resync_chunks: int = 256  # recompute the carried state exactly at least this often (chunks); it is advanced incrementally
+    kernel: str = "auto"  # forward pass: "native" (compiled recurrence, somad/native.py), "torch" (lag-mode GEMMs), "auto" (native where it builds)
     metabolism: MetabolismConfig = field(default_factory=MetabolismConfig)
 
     def __post_init__(self) -> None:
@@ -75,6 +81,8 @@ class LearnerConfig:
             raise ValueError(f"need 1 <= batch ({self.batch}) <= max_chunk ({self.max_chunk}) <= 1024")
         if self.window_bytes < 1:
             raise ValueError(f"window_bytes must be >= 1, got {self.window_bytes}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
     @property
     def eta(self) -> float:
@@ -225,6 +233,23 @@ class SomaLearner:
         self._power_obs = 0  # ... and its observations, until reported to the metabolism
         self._gamma = band_confidence(cfg.base, cfg.n_bands, 0.0)  # gamma_obs at _gamma_d
         self._gamma_d = 0.0
+        self._recurrence = self._load_kernel(self.lcfg.kernel)
+
+    @staticmethod
+    def _load_kernel(kernel: str) -> native.Recurrence | None:
+        """The compiled recurrence for "native" (an error where it cannot be had) and "auto"
+        (None there: the torch path); None for "torch"."""
+        if kernel == "torch":
+            return None
+        recurrence = native.recurrence()
+        if recurrence is None and kernel == "native":
+            raise native.KernelUnavailable(f"kernel 'native' asked for but unavailable: {native.unavailable_reason()}")
+        return recurrence
+
+    @property
+    def kernel(self) -> str:
+        """The forward path in use: "native" or "torch"."""
+        return "torch" if self._recurrence is None else "native"
 
     # ------------------------------------------------------------------ public API
 
@@ -373,13 +398,19 @@ class SomaLearner:
                 observed = self.metabolism.observation_mask(n)
                 n_obs = int(observed.sum())
             self._close_window_if_changed(uniq)
-        if update_every_chunk:  # the weights change after this chunk: no use keeping projections
-            k, c = self.cfg.n_bands, self.cfg.out_dim
-            rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
-            projected = project_rows(lk, rows)
+        advanced = None  # P after this chunk, when the compiled kernel computes it
+        if self._recurrence is not None:  # exact per-byte recurrence, compiled
+            advanced = torch.empty(self.carry.shape)
+            zc = self._recurrence.preactivations(chunk, self.params.ucat, self.alpha, self.carry.contiguous(), self.cfg.features == "bandpass", carry_out=advanced)
+            h, logits = readout(self.cfg, self.params, zc)
         else:
-            projected = self._projected_rows(lk, uniq)
-        h, logits = forward_modes(self.cfg, self.params, lk, self.carry, onehot, projected)
+            if update_every_chunk:  # the weights change after this chunk: no use keeping projections
+                k, c = self.cfg.n_bands, self.cfg.out_dim
+                rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
+                projected = project_rows(lk, rows)
+            else:
+                projected = self._projected_rows(lk, uniq)
+            h, logits = forward_modes(self.cfg, self.params, lk, self.carry, onehot, projected)
         logp = torch.log_softmax(logits, dim=1)  # (n, 256)
         bits = logp.gather(1, chunk[:, None]).squeeze(1).mul_(-1.0 / LN2)  # (n,)
         if entropy_out is not None:  # H = -sum p log2 p
@@ -400,7 +431,7 @@ class SomaLearner:
         self.traces = self.traces * lk.decay64  # a new tensor: the window may hold the old one
         self.traces.index_add_(0, uniq, increment)
         self.seen[uniq] = True
-        self._advance_carry(lk, uniq, onehot, increment, rows)  # P for the new traces, weights as they were
+        self._advance_carry(lk, uniq, onehot, increment, rows, advanced)  # P for the new traces, weights as they were
         if window.open and (update_every_chunk or window.observations >= self.lcfg.batch or window.bytes >= self.lcfg.window_bytes):
             self._apply_window()
         self.bytes_seen += n
@@ -444,13 +475,17 @@ class SomaLearner:
             self._projected_ok[missing] = True
         return cache.index_select(0, uniq)
 
-    def _advance_carry(self, lk: LengthKernels, uniq: torch.Tensor, onehot: torch.Tensor, increment: torch.Tensor, rows: torch.Tensor | None) -> None:
+    def _advance_carry(self, lk: LengthKernels, uniq: torch.Tensor, onehot: torch.Tensor, increment: torch.Tensor, rows: torch.Tensor | None, advanced: torch.Tensor | None) -> None:
         """P <- alpha^n P + increment read through U~ (weights unchanged; exact up to rounding).
 
-        ``rows``: Ucat rows of ``uniq`` (m, K, C) if already gathered."""
+        ``rows``: Ucat rows of ``uniq`` (m, K, C) if already gathered; ``advanced``: the new P
+        if the compiled kernel computed it already."""
         self._chunks_since_sync += 1
         if self._chunks_since_sync >= self.lcfg.resync_chunks:
             self.sync_carry()
+            return
+        if advanced is not None:
+            self.carry = advanced
             return
         k, c = self.cfg.n_bands, self.cfg.out_dim
         if rows is None:

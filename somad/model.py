@@ -218,11 +218,11 @@ def mix_bands(cfg: SomaConfig, rows: torch.Tensor) -> torch.Tensor:
 
 
 def carry_state(cfg: SomaConfig, params: SomaParams, traces: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """P (K, out_dim): P_j = sum_v T[v, j] U~[v, j, :] over the seen rows, exactly."""
+    """P (K, out_dim), contiguous: P_j = sum_v T[v, j] U~[v, j, :] over the seen rows, exactly."""
     k = cfg.n_bands
     idx = seen.nonzero().squeeze(1)  # (s,)
     rows = params.ucat.view(V, -1).index_select(0, idx).view(-1, k, cfg.out_dim)  # (s, K, C)
-    return read_rows(cfg, rows, traces.index_select(0, idx).to(torch.float32))
+    return read_rows(cfg, rows, traces.index_select(0, idx).to(torch.float32)).contiguous()
 
 
 # --------------------------------------------------------------------------- chunked forward
@@ -525,6 +525,11 @@ def forward_modes(
     r, span = lk.rank, lk.span
     y = (onehot.t() @ lk.lags.modes[:n]).view(m, r, span)[:, :, :n].permute(2, 0, 1).reshape(n, m * r)  # (n, m*r): lag-mode features
     zc = torch.addmm(lk.carry @ carry_p, y, projected.view(m * r, -1))  # (n, C)
+    return readout(cfg, params, zc)
+
+
+def readout(cfg: SomaConfig, params: SomaParams, zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (n, H), logits (n, 256)) from the pre-activations zc (n, C) = [z | direct logits]."""
     hdim = cfg.hidden_dim
     h = fast_activate(cfg, zc[:, :hdim])  # (n, H)
     logits = torch.addmm(params.b, h, params.w)  # (n, 256)
@@ -601,21 +606,31 @@ def naive_logits(cfg: SomaConfig, params: SomaParams, traces: torch.Tensor) -> t
     return logits[0]
 
 
-def macs_per_byte(cfg: SomaConfig, distinct_per_chunk: float, chunk: int, observe_fraction: float = 0.0, reproject: bool = False) -> float:
+def macs_per_byte(cfg: SomaConfig, distinct_per_chunk: float, chunk: int, observe_fraction: float = 0.0, reproject: bool = False, kernel: str = "torch") -> float:
     """Multiply-adds per byte of the learner's path for chunks of ``chunk`` bytes holding
-    ``distinct_per_chunk`` byte values: ``forward_modes`` and the carried state's advance, plus
-    for each observation (``observe_fraction`` per byte) its gradients (``output_gradient``
-    and the update's GEMMs). ``reproject``: the chunk's rows are projected afresh each chunk
-    (weights updated every chunk, as at d = 0). Leaves out the update's elementwise passes
-    over the seen rows (their cost depends on how many byte values the stream has used).
+    ``distinct_per_chunk`` byte values: the forward and the carried state's advance, plus for
+    each observation (``observe_fraction`` per byte) its gradients (``output_gradient`` and the
+    update's GEMMs). Leaves out the update's elementwise passes over the seen rows (their cost
+    depends on how many byte values the stream has used).
+
+    ``kernel`` "torch": ``forward_modes`` (lag-mode GEMMs); ``reproject``: the chunk's rows are
+    projected afresh each chunk (weights updated every chunk, as at d = 0). "native": the
+    compiled recurrence (``recurrence.c``), whose state update P += g U~ - g P and running sum
+    z += P are counted as 2 K C per byte, plus mixing the chunk's rows and the carried state's
+    advance (m K C per chunk each) and the logits GEMM.
 
     >>> round(macs_per_byte(preset("small"), 15.0, 64) / 1e3)  # k MACs/byte, scoring the NAB csv
     114
+    >>> round(macs_per_byte(preset("small"), 15.6, 128, kernel="native") / 1e3)
+    53
     """
     k, c, h, m, n = cfg.n_bands, cfg.out_dim, cfg.hidden_dim, distinct_per_chunk, chunk
-    r = lag_modes(cfg, max(1, n))[1].shape[0]
-    fwd = r * n * m + m * r * c + k * c + h * V + 2.0 * m * k * c / n  # lag features, local, carry read, logits, P advance
-    if reproject:
-        fwd += m * r * k * c / n
+    if kernel == "native":
+        fwd = 2.0 * k * c + 2.0 * m * k * c / n + h * V
+    else:
+        r = lag_modes(cfg, max(1, n))[1].shape[0]
+        fwd = r * n * m + m * r * c + k * c + h * V + 2.0 * m * k * c / n  # lag features, local, carry read, logits, P advance
+        if reproject:
+            fwd += m * r * k * c / n
     per_obs = 2 * h * V + k * c + m * k * c + k * n * m  # g W^T and h^T g, carry and own-row gradients, in-chunk traces
     return fwd + observe_fraction * per_obs

@@ -41,3 +41,20 @@ def nab_root():
     if not (root / "labels" / "combined_windows.json").is_file():
         pytest.skip(f"NAB data not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def recurrence():
+    """The compiled recurrence (somad/native.py). Skipped where no C compiler can build it,
+    except in CI, whose set-up (./dev) installs one: there its absence is a failure."""
+    import os
+
+    from somad import native
+
+    kernel = native.recurrence()
+    if kernel is None:
+        message = f"native kernel unavailable: {native.unavailable_reason()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return kernel

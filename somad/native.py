@@ -1,0 +1,257 @@
+"""soma's per-byte recurrence in C (``recurrence.c``), built on the device at first use.
+
+Why: the torch path (``model.forward_modes``) scores a chunk with lag-mode GEMMs, about
+140 k multiply-adds per byte for ``small``; the exact recurrence P_j <- alpha_j P_j +
+(1 - alpha_j) U~[x, j] needs 2 K C (18 k), but one byte after another, which only compiled
+code does fast. Measured in ``bench/throughput`` (README).
+
+How: the C file is compiled with the system's C compiler (``$CC``, else ``cc``) into a shared
+library loaded with ctypes (no Python headers, no torch headers: a second or less to build).
+A library is named by a tag: the source's hash, the flags and this CPU (``-march=native``
+code must not run on another CPU), so a stale or foreign build is never loaded. It is looked
+for, then built, in:
+
+1. ``$SOMAD_KERNEL_DIR`` if set;
+2. the package directory (``python -m somad.native`` builds there at install time, see
+   deploy/install.sh: the service's file system is read-only);
+3. ``$CACHE_DIRECTORY`` (systemd's ``CacheDirectory=``), ``$XDG_CACHE_HOME/somad`` or
+   ``~/.cache/somad``, then the temporary directory.
+
+No compiler, a failed build or a library that will not load: ``recurrence()`` returns None,
+says why once in the log, and the learner keeps the torch path (same mathematics; results
+agree to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported when a chunk is run: building needs only a C compiler (deploy/install.sh)
+    import torch
+
+SOURCE = Path(__file__).with_name("recurrence.c")
+ABI_VERSION = 2  # soma_abi_version() of a library this module can call
+# -ffp-contract=fast: a * p + u as one fused multiply-add (ISO C modes leave it off)
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")
+PORTABLE_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # when the compiler knows no -march=native
+BUILD_TIMEOUT_S = 120.0
+
+log = logging.getLogger("somad.native")
+
+
+class KernelUnavailable(RuntimeError):
+    """The compiled recurrence cannot be built or loaded here (the message says why)."""
+
+
+class Recurrence:
+    """The loaded library: ``preactivations`` for one chunk. Thread-safe (no shared state;
+    ctypes releases the GIL during the call, so streams on other threads run meanwhile)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        fn = lib.soma_chunk_preactivations
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6
+        self._fn = fn
+
+    def __deepcopy__(self, memo: dict) -> Recurrence:  # stateless: copies of a learner share it
+        return self
+
+    def __reduce__(self):  # a pickled learner loads the library again in its process
+        return load, (self.path,)
+
+    def preactivations(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool, carry_out: torch.Tensor | None = None) -> torch.Tensor:
+        """zc (n, C) float32: the pre-activations predicting each byte of ``chunk`` (n,) int64
+        from the carried state ``carry`` (K, C) float32 entering it, weights ``ucat`` (256*K, C)
+        float32, decays ``alpha`` (K,) float64. Equal to ``model.forward_modes``'s (before the
+        activation) up to float32 rounding. ``carry_out`` (K, C), if given (it may be
+        ``carry``), receives the state after the chunk, rounded once (recurrence.c)."""
+        import torch
+        n, (k, c) = chunk.numel(), carry.shape
+        for name, tensor, dtype in (("chunk", chunk, torch.int64), ("ucat", ucat, torch.float32), ("alpha", alpha, torch.float64), ("carry", carry, torch.float32)):
+            if tensor.dtype != dtype or not tensor.is_contiguous():
+                raise ValueError(f"{name} must be contiguous {dtype}, got {tensor.dtype}{'' if tensor.is_contiguous() else ' (not contiguous)'}")
+        if carry_out is not None and (carry_out.shape != carry.shape or carry_out.dtype != torch.float32 or not carry_out.is_contiguous()):
+            raise ValueError(f"carry_out must be contiguous float32 {tuple(carry.shape)}")
+        if ucat.shape != (256 * k, c) or alpha.shape != (k,):
+            raise ValueError(f"shapes do not agree: ucat {tuple(ucat.shape)}, alpha {tuple(alpha.shape)}, carry {tuple(carry.shape)}")
+        out = torch.empty(n, c)
+        if n == 0:
+            return out
+        rc = self._fn(n, k, c, int(bandpass), chunk.data_ptr(), ucat.data_ptr(), alpha.data_ptr(), carry.data_ptr(), out.data_ptr(), None if carry_out is None else carry_out.data_ptr())
+        if rc != 0:
+            raise ValueError("soma_chunk_preactivations: " + ("out of memory" if rc == -2 else f"bad arguments (n={n}, K={k}, C={c}, bytes 0..255)"))
+        return out
+
+
+def compiler() -> str | None:
+    """The C compiler to use: ``$CC`` or ``cc`` (None if neither is on PATH)."""
+    name = os.environ.get("CC") or "cc"
+    return shutil.which(name)
+
+
+def cpu_identity() -> str:
+    """What ``-march=native`` code depends on: machine, and on Linux the CPU's model and flags."""
+    parts = [sys.platform, platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("model name", "flags", "features", "cpu part", "cpu implementer") and line not in parts:
+                    parts.append(line.strip())
+                if not line.strip() and len(parts) > 3:  # first processor's block is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def library_name() -> str:
+    """``recurrence-<tag>.so``: the tag changes with the source, the flags and the CPU."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu_identity().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return f"recurrence-{digest.hexdigest()[:16]}.so"
+
+
+def candidate_dirs() -> list[Path]:
+    """Where a library is looked for and built, in order (module docstring)."""
+    dirs = []
+    if os.environ.get("SOMAD_KERNEL_DIR"):
+        dirs.append(Path(os.environ["SOMAD_KERNEL_DIR"]))
+    dirs.append(SOURCE.parent)
+    if os.environ.get("CACHE_DIRECTORY"):  # systemd may list several, separated by ':'
+        dirs.extend(Path(p) / "kernels" for p in os.environ["CACHE_DIRECTORY"].split(":") if p)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    dirs.append((Path(xdg) if xdg else Path.home() / ".cache") / "somad")
+    dirs.append(Path(tempfile.gettempdir()) / f"somad-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    return dirs
+
+
+def build(directory: Path) -> Path:
+    """Compile ``recurrence.c`` into ``directory`` (created if needed) and return the library.
+
+    Written under a temporary name and renamed: processes building at once never load half a file.
+    Raises KernelUnavailable with the compiler's message.
+    """
+    cc = compiler()
+    if cc is None:
+        raise KernelUnavailable(f"no C compiler ({os.environ.get('CC') or 'cc'} not on PATH)")
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / library_name()
+    fd, tmp = tempfile.mkstemp(prefix=".recurrence-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        errors = []
+        for flags in (FLAGS, PORTABLE_FLAGS):
+            try:
+                done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise KernelUnavailable(f"{cc}: {err}") from err
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        raise KernelUnavailable(f"{cc} failed: {' / '.join(errors)}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: Path) -> Recurrence:
+    """Load a built library, checking that it speaks this module's ABI."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        raise KernelUnavailable(f"cannot load {path}: {err}") from err
+    version = lib.soma_abi_version()
+    if version != ABI_VERSION:
+        raise KernelUnavailable(f"{path} has ABI {version}, expected {ABI_VERSION}")
+    return Recurrence(lib, path)
+
+
+def find_or_build(dirs: list[Path] | None = None) -> Recurrence:
+    """The first library already built in ``dirs`` (default ``candidate_dirs()``), else a new
+    build in the first directory that takes one. Raises KernelUnavailable saying why each failed."""
+    dirs = candidate_dirs() if dirs is None else dirs
+    name = library_name()
+    for directory in dirs:
+        if (directory / name).is_file():
+            try:
+                return load(directory / name)
+            except KernelUnavailable as err:
+                log.warning("native kernel %s not usable: %s", directory / name, err)
+    reasons = []
+    for directory in dirs:  # a compiler that fails (KernelUnavailable) fails everywhere: not caught
+        try:
+            path = build(directory)
+        except OSError as err:  # not writable, full: try the next directory
+            reasons.append(f"{directory}: {err}")
+            continue
+        try:
+            return load(path)
+        except KernelUnavailable as err:  # e.g. a file system mounted noexec
+            reasons.append(str(err))
+    raise KernelUnavailable("no directory to build in and load from: " + "; ".join(reasons))
+
+
+_lock = threading.Lock()
+_loaded: Recurrence | None = None
+_error: str | None = None
+
+
+def recurrence() -> Recurrence | None:
+    """The compiled recurrence, built or loaded once per process; None (logged once, with the
+    reason) where it cannot be had. ``SOMAD_KERNEL=torch`` turns it off."""
+    global _loaded, _error
+    with _lock:
+        if _loaded is None and _error is None:
+            if os.environ.get("SOMAD_KERNEL", "").lower() == "torch":
+                _error = "SOMAD_KERNEL=torch"
+            else:
+                try:
+                    _loaded = find_or_build()
+                except KernelUnavailable as err:
+                    _error = str(err)
+                    log.warning("native kernel unavailable, learning with the torch path (slower): %s", err)
+        return _loaded
+
+
+def unavailable_reason() -> str | None:
+    """Why ``recurrence()`` is None (None while it is loaded or not yet asked for)."""
+    return _error
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m somad.native [--dir DIR]``: build the library (default: in the package
+    directory, for installs whose file system is read-only at run time) and print where."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m somad.native", description=main.__doc__)
+    parser.add_argument("--dir", type=Path, default=SOURCE.parent, help="directory to build in (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.dir)
+        load(path)
+    except (KernelUnavailable, OSError) as err:
+        print(json.dumps({"built": False, "error": str(err)}))
+        return 1
+    print(json.dumps({"built": True, "path": str(path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""somad.native: the compiled per-byte recurrence against the textbook model and the torch path;
+building, finding and refusing libraries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from somad import native
+from somad.learner import LearnerConfig, SomaLearner
+from somad.metabolism import MetabolismConfig
+from somad.model import V, SomaConfig, carry_state, decays, feature_matrix, preset
+from tests.helpers import random_bytes, random_params, repetitive_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_preactivations(cfg: SomaConfig, params, traces: torch.Tensor, data: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zc (n, C), traces after) in float64, from the full trace bank before each byte: the
+    textbook z = flatten(T M) @ Ucat, no carried state, no recurrence on P."""
+    alpha, mix = decays(cfg), feature_matrix(cfg)
+    ucat = params.ucat.double()
+    traces = traces.clone()
+    out = []
+    for byte in data:
+        out.append((traces @ mix).reshape(-1) @ ucat)
+        traces.mul_(alpha)
+        traces[byte] += 1.0 - alpha
+    return torch.stack(out), traces
+
+
+ARCHITECTURES = [
+    SomaConfig(n_bands=12, hidden_dim=32),  # bandpass, direct readout: C = 288 (4.5 column blocks)
+    SomaConfig(n_bands=7, hidden_dim=40, features="traces", direct_readout=False),  # C = 40 < one block
+    SomaConfig(n_bands=1, hidden_dim=64, direct_readout=False),  # one band, exactly one block
+    SomaConfig(n_bands=64, hidden_dim=8, direct_readout=False),  # the most bands the kernel holds
+]
+
+
+@pytest.mark.parametrize("cfg", ARCHITECTURES, ids=lambda c: f"K{c.n_bands}-H{c.hidden_dim}-{c.features}-{'Wd' if c.direct_readout else 'noWd'}")
+@pytest.mark.parametrize("n", [1, 2, 37, 128])
+def test_preactivations_and_carried_state_match_the_textbook_model(recurrence, cfg, n):
+    params = random_params(cfg, scale=0.3)
+    history = list(random_bytes(500, seed=2, alphabet=20))
+    _, traces = reference_preactivations(cfg, params, torch.zeros(V, cfg.n_bands, dtype=torch.float64), history)
+    seen = traces.abs().sum(1) > 0
+    carry = carry_state(cfg, params, traces, seen)
+    chunk = list(random_bytes(n, seed=n, alphabet=30))
+    want, traces_after = reference_preactivations(cfg, params, traces, chunk)
+    out = carry.clone()
+    zc = recurrence.preactivations(torch.tensor(chunk), params.ucat, decays(cfg), carry, cfg.features == "bandpass", carry_out=out)
+    assert zc.shape == (n, cfg.out_dim)
+    assert (zc.double() - want).abs().max().item() < 1e-5
+    exact_after = carry_state(cfg, params, traces_after, traces_after.abs().sum(1) > 0)
+    assert (out - exact_after).abs().max().item() < 1e-5
+    assert (out - carry).abs().max().item() > 1e-4  # it moved: a copy of the input would not pass
+    again = recurrence.preactivations(torch.tensor(chunk), params.ucat, decays(cfg), carry, cfg.features == "bandpass", carry_out=carry)
+    assert torch.equal(again, zc) and torch.equal(carry, out)  # carry_out may be the carry itself
+
+
+def test_carried_state_does_not_drift_over_many_chunks(recurrence):
+    """Slow bands decay by 1 - 1e-5 per byte, which float32 cannot hold: the state carried
+    between chunks must still stay with the exact one (the kernel sums it in float64)."""
+    cfg = preset("small")
+    params = random_params(cfg, scale=0.3)
+    data = repetitive_bytes(128 * 300, b"2014-07-01 00:00:00,10844\n")
+    traces = torch.zeros(V, cfg.n_bands, dtype=torch.float64)
+    carry = torch.zeros(cfg.n_bands, cfg.out_dim)
+    alpha = decays(cfg)
+    for i in range(0, len(data), 128):
+        chunk = torch.tensor(list(data[i : i + 128]))
+        recurrence.preactivations(chunk, params.ucat, alpha, carry, True, carry_out=carry)
+        for byte in chunk.tolist():
+            traces.mul_(alpha)
+            traces[byte] += 1.0 - alpha
+    exact = carry_state(cfg, params, traces, traces.abs().sum(1) > 0)
+    assert (carry - exact).abs().max().item() < 2e-5 * max(1.0, exact.abs().max().item())
+
+
+@pytest.mark.parametrize("metabolism", [MetabolismConfig(mode="fixed", d=0.0), MetabolismConfig()], ids=["d0", "adaptive"])
+def test_learner_gives_the_same_losses_with_either_kernel(recurrence, metabolism):
+    cfg = SomaConfig(n_bands=12, hidden_dim=32)
+    data = repetitive_bytes(4000, b"temp=21.5;hum=40\n") + random_bytes(2000, seed=9)
+    runs = {}
+    for kernel in ("torch", "native"):
+        learner = SomaLearner(cfg, LearnerConfig(kernel=kernel, metabolism=metabolism))
+        assert learner.kernel == kernel
+        runs[kernel] = (learner.learn(data), learner)
+    (bits_t, torch_learner), (bits_n, native_learner) = runs["torch"], runs["native"]
+    assert (bits_t - bits_n).abs().max().item() < 1e-3
+    assert torch_learner.updates == native_learner.updates > 0
+    torch.testing.assert_close(native_learner.params.ucat, torch_learner.params.ucat, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(native_learner.carry, torch_learner.carry, rtol=1e-3, atol=1e-4)
+
+
+def test_kernel_choice_is_validated_and_torch_is_always_available():
+    with pytest.raises(ValueError, match="kernel must be one of auto, native, torch"):
+        LearnerConfig(kernel="cuda")
+    assert SomaLearner(SomaConfig(n_bands=4, hidden_dim=8), LearnerConfig(kernel="torch")).kernel == "torch"
+
+
+def test_bad_arguments_are_refused_not_read_out_of_bounds(recurrence):
+    cfg = SomaConfig(n_bands=4, hidden_dim=8, direct_readout=False)
+    params, alpha = random_params(cfg), decays(cfg)
+    carry = torch.zeros(4, cfg.out_dim)
+    with pytest.raises(ValueError, match="bad arguments"):
+        recurrence.preactivations(torch.tensor([1, 256]), params.ucat, alpha, carry, True)
+    with pytest.raises(ValueError, match="chunk must be contiguous torch.int64"):
+        recurrence.preactivations(torch.tensor([1, 2], dtype=torch.int32), params.ucat, alpha, carry, True)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        recurrence.preactivations(torch.tensor([1, 2]), params.ucat[:100], alpha, carry, True)
+    with pytest.raises(ValueError, match="carry must be contiguous"):
+        recurrence.preactivations(torch.tensor([1, 2]), params.ucat, alpha, torch.zeros(cfg.out_dim, 4).t(), True)
+    assert recurrence.preactivations(torch.tensor([], dtype=torch.long), params.ucat, alpha, carry, True).shape == (0, cfg.out_dim)
+
+
+# --------------------------------------------------------------------------- building and finding
+
+
+def test_library_name_changes_with_the_cpu(monkeypatch):
+    here = native.library_name()
+    assert here.startswith("recurrence-") and here.endswith(".so")
+    monkeypatch.setattr(native, "cpu_identity", lambda: "another cpu")
+    assert native.library_name() != here  # -march=native code is never loaded on another CPU
+
+
+def test_build_in_the_first_directory_that_takes_it(recurrence, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    kernel = native.find_or_build([blocked / "kernels", tmp_path / "cache"])
+    assert kernel.path == tmp_path / "cache" / native.library_name()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [native.library_name()]  # no temporary left
+    assert native.find_or_build([tmp_path / "cache"]).path == kernel.path  # found, not rebuilt
+
+
+def test_a_corrupt_library_is_replaced(recurrence, tmp_path):
+    (tmp_path / native.library_name()).write_bytes(b"\x7fELF truncated")
+    kernel = native.find_or_build([tmp_path])
+    cfg = SomaConfig(n_bands=3, hidden_dim=4, direct_readout=False)
+    assert kernel.preactivations(torch.tensor([5, 6]), random_params(cfg).ucat, decays(cfg), torch.zeros(3, 4), True).shape == (2, 4)
+
+
+def test_a_failing_compiler_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(native.KernelUnavailable, match="false failed"):
+        native.find_or_build([tmp_path])
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(native.KernelUnavailable, match="no C compiler"):
+        native.find_or_build([tmp_path])
+
+
+def test_without_a_compiler_auto_falls_back_and_native_is_refused(tmp_path):
+    """A process with no compiler and no library built: the learner runs the torch path and
+    says why once; asking for "native" is an error naming the reason."""
+    code = (
+        "import json, logging, sys\n"
+        "logging.basicConfig(stream=sys.stderr, level=logging.WARNING)\n"
+        "from somad import native\n"
+        "native.candidate_dirs = lambda: [native.Path(sys.argv[1])]\n"
+        "from somad.learner import LearnerConfig, SomaLearner\n"
+        "from somad.model import SomaConfig\n"
+        "cfg = SomaConfig(n_bands=4, hidden_dim=8)\n"
+        "learner = SomaLearner(cfg)\n"
+        "bits = learner.learn(b'abc' * 100)\n"
+        "try:\n"
+        "    SomaLearner(cfg, LearnerConfig(kernel='native'))\n"
+        "    refused = None\n"
+        "except native.KernelUnavailable as err:\n"
+        "    refused = str(err)\n"
+        "print(json.dumps({'kernel': learner.kernel, 'bytes': len(bits), 'refused': refused}))\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "kernels")], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {"kernel": "torch", "bytes": 300, "refused": result["refused"]}
+    assert "no C compiler" in result["refused"]
+    assert done.stderr.count("native kernel unavailable") == 1
+
+
+def test_somad_kernel_torch_turns_it_off():
+    code = "from somad.learner import SomaLearner; from somad.model import SomaConfig; print(SomaLearner(SomaConfig(n_bands=4, hidden_dim=8)).kernel)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "SOMAD_KERNEL": "torch"}, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch"
+
+
+def test_build_command_for_installers(recurrence, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "somad.native", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report == {"built": True, "path": str(tmp_path / native.library_name())}
+    failed = subprocess.run([sys.executable, "-m", "somad.native", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "CC": "false"})
+    assert failed.returncode == 1 and json.loads(failed.stdout)["built"] is False
+
+
+def test_learners_with_the_kernel_copy_and_pickle(recurrence):
+    import copy
+    import pickle
+
+    learner = SomaLearner(SomaConfig(n_bands=4, hidden_dim=8), LearnerConfig(kernel="native"))
+    learner.learn(b"abc" * 50)
+    twins = [copy.deepcopy(learner), pickle.loads(pickle.dumps(learner))]
+    want = learner.learn(b"abcd" * 10)
+    for twin in twins:
+        assert twin.kernel == "native"
+        assert torch.equal(twin.learn(b"abcd" * 10), want)
