@@ -254,13 +254,14 @@ class ModelConfig:
     weight_bound: float = 0.0  # |w| <= bound after each update (0 = none; "seed" needs one)
     batch: int = 32  # observations per weight update (as LearnerConfig)
     max_chunk: int = 128  # bytes scored together at most (as LearnerConfig)
+    kernel: str = "auto"  # forward path: "auto" (native where a C compiler builds it) | "native" | "torch" (as LearnerConfig)
 
     def __post_init__(self) -> None:
         from .model import PRESETS
 
         _require_choice(self.preset, tuple(PRESETS), "preset")
         self.soma_config()  # the architecture overrides, checked by SomaConfig
-        self.learner_config()  # rule, lr, weight_bound, batch, max_chunk, checked by LearnerConfig
+        self.learner_config()  # rule, lr, weight_bound, batch, max_chunk, kernel, checked by LearnerConfig
 
     def overrides(self) -> dict[str, Any]:
         """The architecture fields set here (not None), as ``preset(name, **overrides)`` takes them."""
@@ -282,6 +283,7 @@ class ModelConfig:
             weight_bound=self.weight_bound,
             batch=self.batch,
             max_chunk=self.max_chunk,
+            kernel=self.kernel,
             metabolism=metabolism if metabolism is not None else MetabolismConfig(),
         )
 

@@ -56,6 +56,11 @@ from .model import (
 
 
 KERNELS = ("auto", "native", "torch")
+# Bytes per chunk when only scoring with the native kernel. Its cost per byte does not grow
+# with the chunk (the torch path's lag modes do, and its kernels take O(K n^2) memory, hence
+# max_chunk), so longer chunks only spread the ~30 tensor operations per chunk: small on the
+# NAB csv scored 301 / 374 / 466 KB per CPU-second at 128 / 256 / 512 bytes.
+NATIVE_SCORE_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,7 @@ class SomaLearner:
         self._gamma = band_confidence(cfg.base, cfg.n_bands, 0.0)  # gamma_obs at _gamma_d
         self._gamma_d = 0.0
         self._recurrence = self._load_kernel(self.lcfg.kernel)
+        self._score_chunk = self.lcfg.max_chunk if self._recurrence is None else max(self.lcfg.max_chunk, NATIVE_SCORE_CHUNK)
 
     @staticmethod
     def _load_kernel(kernel: str) -> native.Recurrence | None:
@@ -250,6 +256,11 @@ class SomaLearner:
     def kernel(self) -> str:
         """The forward path in use: "native" or "torch"."""
         return "torch" if self._recurrence is None else "native"
+
+    @property
+    def score_chunk(self) -> int:
+        """Bytes per chunk when only scoring: max_chunk, or NATIVE_SCORE_CHUNK on the native kernel."""
+        return self._score_chunk
 
     # ------------------------------------------------------------------ public API
 
@@ -374,7 +385,7 @@ class SomaLearner:
         entropy = torch.empty(buf.numel()) if with_entropy else None
         pos = 0
         while pos < buf.numel():
-            n = self.metabolism.bytes_per_observation_batch(self.lcfg.batch, self.lcfg.max_chunk) if learn else self.lcfg.max_chunk
+            n = self.metabolism.bytes_per_observation_batch(self.lcfg.batch, self.lcfg.max_chunk) if learn else self._score_chunk
             chunk = buf[pos : pos + n]
             end = pos + chunk.numel()
             out[pos:end] = self._step(chunk, learn, None if entropy is None else entropy[pos:end])
@@ -385,6 +396,8 @@ class SomaLearner:
         """Score a chunk with the current weights; when learning, add its observations to the
         window and apply the window once it holds ``batch`` observations. ``entropy_out``
         (n,), if given, receives the entropy in bits of each byte's prediction."""
+        if not learn and self._recurrence is not None:
+            return self._score_native(chunk, entropy_out)
         t0 = time.perf_counter()
         n = chunk.numel()
         lk = self.kern.at(n)
@@ -411,12 +424,7 @@ class SomaLearner:
             else:
                 projected = self._projected_rows(lk, uniq)
             h, logits = forward_modes(self.cfg, self.params, lk, self.carry, onehot, projected)
-        logp = torch.log_softmax(logits, dim=1)  # (n, 256)
-        bits = logp.gather(1, chunk[:, None]).squeeze(1).mul_(-1.0 / LN2)  # (n,)
-        if entropy_out is not None:  # H = -sum p log2 p
-            entropy_out.copy_((logp.exp() * logp).sum(1).mul_(-1.0 / LN2))
-        if not math.isfinite(float(bits.sum())):
-            raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
+        logp, bits = self._losses(logits, chunk, entropy_out)
         window = self.window
         if n_obs and not window.open:
             window.begin(self.traces, self.metabolism.d, self.eta_scale)
@@ -431,7 +439,10 @@ class SomaLearner:
         self.traces = self.traces * lk.decay64  # a new tensor: the window may hold the old one
         self.traces.index_add_(0, uniq, increment)
         self.seen[uniq] = True
-        self._advance_carry(lk, uniq, onehot, increment, rows, advanced)  # P for the new traces, weights as they were
+        if advanced is None:  # P for the new traces, weights as they were
+            self._advance_carry(lk, uniq, onehot, increment, rows)
+        else:
+            self._next_carry(advanced)
         if window.open and (update_every_chunk or window.observations >= self.lcfg.batch or window.bytes >= self.lcfg.window_bytes):
             self._apply_window()
         self.bytes_seen += n
@@ -440,6 +451,42 @@ class SomaLearner:
             power, self._power_obs = self._power * (n_obs / self._power_obs), 0
         self.metabolism.after_chunk(bits, n_obs, power, time.perf_counter() - t0 if learn else 0.0)
         return bits
+
+    def _losses(self, logits: torch.Tensor, chunk: torch.Tensor, entropy_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities (n, 256), loss in bits of each byte (n,)); the entropy of each
+        prediction into ``entropy_out`` if given. Raises NumericalFault on a non-finite loss."""
+        logp = torch.log_softmax(logits, dim=1)  # (n, 256)
+        bits = logp.gather(1, chunk[:, None]).squeeze(1).mul_(-1.0 / LN2)  # (n,)
+        if entropy_out is not None:  # H = -sum p log2 p
+            entropy_out.copy_((logp.exp() * logp).sum(1).mul_(-1.0 / LN2))
+        if not math.isfinite(float(bits.sum())):
+            raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
+        return logp, bits
+
+    def _score_native(self, chunk: torch.Tensor, entropy_out: torch.Tensor | None) -> torch.Tensor:
+        """``_step`` without learning, on the compiled kernel: it also gives the trace bank's and
+        P's moves past the chunk, so chunks may exceed max_chunk (no ChunkKernels needed)."""
+        step = self._recurrence.run_chunk(chunk, self.params.ucat, self.alpha, self.carry.contiguous(), self.cfg.features == "bandpass")
+        _, logits = readout(self.cfg, self.params, step.zc)
+        bits = self._losses(logits, chunk, entropy_out)[1]
+        self.traces = self.traces * step.decay
+        self.traces.index_add_(0, step.values, step.increment)
+        self.seen[step.values] = True
+        self._next_carry(step.carry)
+        self.bytes_seen += chunk.numel()
+        self.metabolism.after_chunk(bits, 0)
+        return bits
+
+    def _next_carry(self, advanced: torch.Tensor | None) -> bool:
+        """Count a chunk; recompute P exactly from the traces when a resync is due (every
+        ``resync_chunks`` chunks), else take ``advanced`` (if given) as P. True if it resynced."""
+        self._chunks_since_sync += 1
+        if self._chunks_since_sync >= self.lcfg.resync_chunks:
+            self.sync_carry()
+            return True
+        if advanced is not None:
+            self.carry = advanced
+        return False
 
     def _chunk_holds_batch(self) -> bool:
         """At this stride a chunk was sized to hold ``batch`` observations: update every chunk."""
@@ -475,17 +522,11 @@ class SomaLearner:
             self._projected_ok[missing] = True
         return cache.index_select(0, uniq)
 
-    def _advance_carry(self, lk: LengthKernels, uniq: torch.Tensor, onehot: torch.Tensor, increment: torch.Tensor, rows: torch.Tensor | None, advanced: torch.Tensor | None) -> None:
+    def _advance_carry(self, lk: LengthKernels, uniq: torch.Tensor, onehot: torch.Tensor, increment: torch.Tensor, rows: torch.Tensor | None) -> None:
         """P <- alpha^n P + increment read through U~ (weights unchanged; exact up to rounding).
 
-        ``rows``: Ucat rows of ``uniq`` (m, K, C) if already gathered; ``advanced``: the new P
-        if the compiled kernel computed it already."""
-        self._chunks_since_sync += 1
-        if self._chunks_since_sync >= self.lcfg.resync_chunks:
-            self.sync_carry()
-            return
-        if advanced is not None:
-            self.carry = advanced
+        ``rows``: Ucat rows of ``uniq`` (m, K, C) if already gathered."""
+        if self._next_carry(None):
             return
         k, c = self.cfg.n_bands, self.cfg.out_dim
         if rows is None:

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # torch is imported when a chunk is run: building needs only 
     import torch
 
 SOURCE = Path(__file__).with_name("recurrence.c")
-ABI_VERSION = 2  # soma_abi_version() of a library this module can call
+ABI_VERSION = 3  # soma_abi_version() of a library this module can call
 # -ffp-contract=fast: a * p + u as one fused multiply-add (ISO C modes leave it off)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")
 PORTABLE_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # when the compiler knows no -march=native
@@ -55,6 +56,17 @@ class KernelUnavailable(RuntimeError):
     """The compiled recurrence cannot be built or loaded here (the message says why)."""
 
 
+@dataclass
+class ChunkPass:
+    """What one call computes for a chunk of n bytes with m distinct values (recurrence.c)."""
+
+    zc: torch.Tensor  # (n, C) float32: pre-activations predicting each byte
+    carry: torch.Tensor  # (K, C) float32: the carried state P after the chunk
+    values: torch.Tensor  # (m,) int64: the distinct byte values, in order of first appearance
+    increment: torch.Tensor  # (m, K) float64: what the chunk adds to their traces
+    decay: torch.Tensor  # (K,) float64: alpha^n, the traces' decay over the chunk
+
+
 class Recurrence:
     """The loaded library: ``preactivations`` for one chunk. Thread-safe (no shared state;
     ctypes releases the GIL during the call, so streams on other threads run meanwhile)."""
@@ -63,7 +75,7 @@ class Recurrence:
         self.path = path
         fn = lib.soma_chunk_preactivations
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9
         self._fn = fn
 
     def __deepcopy__(self, memo: dict) -> Recurrence:  # stateless: copies of a learner share it
@@ -79,21 +91,47 @@ class Recurrence:
         activation) up to float32 rounding. ``carry_out`` (K, C), if given (it may be
         ``carry``), receives the state after the chunk, rounded once (recurrence.c)."""
         import torch
-        n, (k, c) = chunk.numel(), carry.shape
+
+        self._check(chunk, ucat, alpha, carry)
+        if carry_out is not None and (carry_out.shape != carry.shape or carry_out.dtype != torch.float32 or not carry_out.is_contiguous()):
+            raise ValueError(f"carry_out must be contiguous float32 {tuple(carry.shape)}")
+        zc = torch.empty(chunk.numel(), carry.shape[1])
+        if chunk.numel():
+            self._call(chunk, ucat, alpha, carry, bandpass, zc, carry_out)
+        return zc
+
+    def run_chunk(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool) -> ChunkPass:
+        """``preactivations`` of a chunk (n >= 1), with everything needed to move the trace bank
+        and the carried state past it."""
+        import torch
+
+        self._check(chunk, ucat, alpha, carry)
+        (k, c), n = carry.shape, chunk.numel()
+        out = ChunkPass(torch.empty(n, c), torch.empty(k, c), torch.empty(256, dtype=torch.int64), torch.empty(256, k, dtype=torch.float64), torch.empty(k, dtype=torch.float64))
+        m = self._call(chunk, ucat, alpha, carry, bandpass, out.zc, out.carry, out.values, out.increment, out.decay)
+        out.values, out.increment = out.values[:m], out.increment[:m]
+        return out
+
+    @staticmethod
+    def _check(chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor) -> None:
+        import torch
+
         for name, tensor, dtype in (("chunk", chunk, torch.int64), ("ucat", ucat, torch.float32), ("alpha", alpha, torch.float64), ("carry", carry, torch.float32)):
             if tensor.dtype != dtype or not tensor.is_contiguous():
                 raise ValueError(f"{name} must be contiguous {dtype}, got {tensor.dtype}{'' if tensor.is_contiguous() else ' (not contiguous)'}")
-        if carry_out is not None and (carry_out.shape != carry.shape or carry_out.dtype != torch.float32 or not carry_out.is_contiguous()):
-            raise ValueError(f"carry_out must be contiguous float32 {tuple(carry.shape)}")
-        if ucat.shape != (256 * k, c) or alpha.shape != (k,):
-            raise ValueError(f"shapes do not agree: ucat {tuple(ucat.shape)}, alpha {tuple(alpha.shape)}, carry {tuple(carry.shape)}")
-        out = torch.empty(n, c)
-        if n == 0:
-            return out
-        rc = self._fn(n, k, c, int(bandpass), chunk.data_ptr(), ucat.data_ptr(), alpha.data_ptr(), carry.data_ptr(), out.data_ptr(), None if carry_out is None else carry_out.data_ptr())
-        if rc != 0:
-            raise ValueError("soma_chunk_preactivations: " + ("out of memory" if rc == -2 else f"bad arguments (n={n}, K={k}, C={c}, bytes 0..255)"))
-        return out
+        k, c = carry.shape
+        if ucat.shape != (256 * k, c) or alpha.shape != (k,) or chunk.dim() != 1:
+            raise ValueError(f"shapes do not agree: chunk {tuple(chunk.shape)}, ucat {tuple(ucat.shape)}, alpha {tuple(alpha.shape)}, carry {tuple(carry.shape)}")
+
+    def _call(self, chunk, ucat, alpha, carry, bandpass, zc, *outputs) -> int:
+        """Run the C function; ``outputs``: carry_out, values_out, increment_out, decay_out
+        (missing or None: not wanted). Returns m."""
+        (k, c), n = carry.shape, chunk.numel()
+        pointers = [None if t is None else t.data_ptr() for t in outputs] + [None] * (4 - len(outputs))
+        m = self._fn(n, k, c, int(bandpass), chunk.data_ptr(), ucat.data_ptr(), alpha.data_ptr(), carry.data_ptr(), zc.data_ptr(), *pointers)
+        if m < 0:
+            raise ValueError("soma_chunk_preactivations: " + ("out of memory" if m == -2 else f"bad arguments (n={n}, K={k}, C={c}, bytes 0..255)"))
+        return m
 
 
 def compiler() -> str | None:

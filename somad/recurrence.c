@@ -26,7 +26,7 @@
 #define MAX_BANDS 64   /* SomaConfig allows n_bands 1..64 */
 #define V 256
 
-int soma_abi_version(void) { return 2; }
+int soma_abi_version(void) { return 3; }
 
 /* The chunk's distinct byte values in order of first appearance; slot[v] = index, -1 if absent. */
 static int chunk_values(int n, const int64_t *bytes, int *slot, int *values) {
@@ -59,10 +59,12 @@ static void mix_rows(int m, int K, int C, int bandpass, int c0, int w, const int
     }
 }
 
-/* coef[i, j] = sum over bytes s of the chunk equal to values[i] of alpha_j^(n-1-s), and
- * decay_n[j] = alpha_j^n: summed in float64, rounded once. */
+/* sums[i, j] = sum over bytes s of the chunk equal to values[i] of alpha_j^(n-1-s), in
+ * float64, and coef the same rounded to float32; decay_n[j] = alpha_j^n (decay64 in float64,
+ * if not NULL, and decay_n rounded). */
 static void chunk_coefficients(int n, int m, int K, const int64_t *bytes, const int *slot,
-                               const double *alpha, double *sums, float *coef, float *decay_n) {
+                               const double *alpha, double *sums, float *coef, double *decay64,
+                               float *decay_n) {
     double power[MAX_BANDS];
     memset(sums, 0, (size_t)m * K * sizeof(double));
     for (int j = 0; j < K; j++) power[j] = 1.0;
@@ -75,6 +77,8 @@ static void chunk_coefficients(int n, int m, int K, const int64_t *bytes, const 
     }
     for (int i = 0; i < m * K; i++) coef[i] = (float)sums[i];
     for (int j = 0; j < K; j++) decay_n[j] = (float)power[j];
+    if (decay64)
+        for (int j = 0; j < K; j++) decay64[j] = power[j];
 }
 
 /* carry_out[:, c0 : c0 + w] = alpha^n carry + sum_i coef[i, j] rows[i, j], rows holding
@@ -97,13 +101,19 @@ static void advance_state(int m, int K, int C, int c0, int w, const float *rows,
     }
 }
 
-/* zc[t, :] (n x C) = sum_j P_j before byte t of the chunk, P entering as carry (K x C);
- * carry_out (K x C, may be NULL or carry itself) receives P after the chunk's last byte.
+/* zc[t, :] (n x C) = sum_j P_j before byte t of the chunk, P entering as carry (K x C).
+ * Optional outputs (NULL: not wanted), for moving the trace bank and P past the chunk:
+ *   carry_out (K x C, may be carry itself): P after the chunk's last byte;
+ *   values_out (256): the chunk's m distinct byte values, in order of first appearance;
+ *   increment_out (256 x K): row i = what the chunk adds to the traces of values_out[i],
+ *     sum over its bytes s equal to that value of (1 - alpha_j) alpha_j^(n-1-s);
+ *   decay_out (K): alpha_j^n, the decay of the traces over the chunk.
  * ucat: (256 * K, C) rows (v, k); alpha: (K,) decays.
- * Returns 0, -1 for bad arguments, -2 when out of memory. */
+ * Returns m, or -1 for bad arguments, -2 when out of memory. */
 int soma_chunk_preactivations(int n, int K, int C, int bandpass, const int64_t *bytes,
                               const float *ucat, const double *alpha, const float *carry,
-                              float *zc, float *carry_out) {
+                              float *zc, float *carry_out, int64_t *values_out,
+                              double *increment_out, double *decay_out) {
     if (n < 1 || K < 1 || K > MAX_BANDS || C < 1) return -1;
     for (int t = 0; t < n; t++)
         if (bytes[t] < 0 || bytes[t] >= V) return -1;
@@ -111,17 +121,21 @@ int soma_chunk_preactivations(int n, int K, int C, int bandpass, const int64_t *
     int m = chunk_values(n, bytes, slot, values);
     float gain[MAX_BANDS];
     for (int j = 0; j < K; j++) gain[j] = (float)(1.0 - alpha[j]);
-    float *coef = NULL, decay_n[MAX_BANDS];
-    if (carry_out) {
-        double *sums = malloc((size_t)m * K * sizeof(double));
-        coef = malloc((size_t)m * K * sizeof(float));
-        if (sums && coef) chunk_coefficients(n, m, K, bytes, slot, alpha, sums, coef, decay_n);
+    float decay_n[MAX_BANDS];
+    double *sums = malloc((size_t)m * K * sizeof(double));
+    float *coef = malloc((size_t)m * K * sizeof(float));
+    if (!sums || !coef) {
         free(sums);
-        if (!sums || !coef) {
-            free(coef);
-            return -2;
-        }
+        free(coef);
+        return -2;
     }
+    chunk_coefficients(n, m, K, bytes, slot, alpha, sums, coef, decay_out, decay_n);
+    if (values_out)
+        for (int i = 0; i < m; i++) values_out[i] = values[i];
+    if (increment_out)
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < K; j++) increment_out[(size_t)i * K + j] = (1.0 - alpha[j]) * sums[(size_t)i * K + j];
+    free(sums);
     float *rows = malloc((size_t)m * K * CB * sizeof(float));
     if (!rows) {
         free(coef);
@@ -160,5 +174,5 @@ int soma_chunk_preactivations(int n, int K, int C, int bandpass, const int64_t *
     }
     free(rows);
     free(coef);
-    return 0;
+    return m;
 }
