@@ -253,7 +253,7 @@ BAD = [
     ("streams:\n  - {name: s, source: {type: stdin}, model: {hidden_dim: 0}}\n", "streams[0].model.hidden_dim: must be in 1..65536, got 0"),
     ("streams:\n  - {name: s, source: {type: stdin}, model: {lr: 0}}\n", "streams[0].model.lr: must be in (0, 10], got 0.0"),
     ("streams:\n  - {name: s, source: {type: stdin}, model: {rule: seed}}\n", "streams[0].model: the seed rule (eta = 1) needs weight_bound > 0"),
-    ("streams:\n  - {name: s, source: {type: stdin}, model: {kernel: gpu}}\n", "streams[0].model: kernel must be one of auto, native, torch, got 'gpu'"),
+    ("streams:\n  - {name: s, source: {type: stdin}, model: {kernel: gpu}}\n", "streams[0].model.kernel: must be one of auto, native, torch, got 'gpu'"),
     ("streams:\n  - {name: s, source: {type: stdin}, metabolism: {budget: 2}}\n", "streams[0].metabolism.budget: must be a share of bytes in (0, 1], got 2.0"),
     ("streams:\n  - {name: s, source: {type: stdin}, metabolism: {fast_bytes: 100, slow_bytes: 50}}\n", "streams[0].metabolism: need 0 < fast_bytes < slow_bytes"),
     ("streams:\n  - {name: s, source: {type: stdin}, metabolism: {budget: .nan}}\n", "streams[0].metabolism.budget: expected a finite float, got nan"),
