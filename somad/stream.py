@@ -156,7 +156,8 @@ class StreamPipeline:
             store=store,
             series=self.metrics.stream(name),
         )
-        self._restore(model)
+        resumed = self._restore(model)
+        self.log.info("model_ready", model=name, kernel=model.learner.kernel, resumed=resumed)  # kernel: "torch" where no C compiler built the native one
         return model
 
     def _restore(self, model: Model) -> bool:
