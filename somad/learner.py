@@ -544,37 +544,53 @@ class SomaLearner:
         sum_v T[v, j] (M delta)[v, j] (``read_rows``), no recomputation from all the weights.
         """
         cfg, window = self.cfg, self.window
-        k, c = cfg.n_bands, cfg.out_dim
         carry_grad, own, grad_w, grad_b = window.gradients(cfg.hidden_dim)
         seen_idx = self.seen.nonzero().squeeze(1)  # (s,) includes the window's byte values
         eta = self.lcfg.eta * window.eta_scale
         coef64 = self._band_coef(window.d) * (-eta if eta != 0 else 1.0)  # (K,) per-band step; eta 0 only measures
-        coef = coef64.to(torch.float32)
         t_ref = window.start.index_select(0, seen_idx)  # (s, K) float64
-        delta = expand_carry_grad(cfg, t_ref, carry_grad, coef)  # (s, K, C)
         own_values = window.values[: window.used]
-        own_f = own * coef[:, None]  # feature space, scaled: coef_k (own_k - own_{k+1})
-        if cfg.features == "bandpass" and k > 1:
-            own_f[:, :-1].addcmul_(own[:, 1:], coef[:-1, None], value=-1.0)
-        delta.index_add_(0, torch.searchsorted(seen_idx, own_values), own_f)
-        self._power = torch.linalg.vector_norm(delta, dim=2).square().sum(0).to(torch.float64) / (coef64 * coef64)  # |g_k|^2
+        bound = self.lcfg.weight_bound
+        if self._recurrence is not None and bound <= 0:  # one fused pass in C
+            own_slot = window.slot_of.index_select(0, seen_idx)  # slot in own of each seen value, -1 if none
+            t_now = self.traces.index_select(0, seen_idx).to(torch.float32)
+            self.carry = self.carry.contiguous()  # written in place
+            self._power = self._recurrence.apply_update(seen_idx, t_ref, t_now, carry_grad.contiguous(), coef64.to(torch.float32), own.contiguous(), own_slot, self.params.ucat, self.carry, cfg.features == "bandpass", eta != 0)
+            self._projected_ok.zero_()  # written in C: ucat's version counter did not move
+        else:
+            self._power = self._apply_rows(seen_idx, t_ref, carry_grad, own, own_values, coef64, eta != 0)
         self._power_obs = window.observations
         if eta != 0:
-            ucat = self.params.ucat.view(V, k * c)
-            ucat.index_add_(0, seen_idx, delta.view(-1, k * c))
             self.params.w.add_(grad_w, alpha=-eta)
             self.params.b.add_(grad_b, alpha=-eta)
             self.updates += 1
-            bound = self.lcfg.weight_bound
             if bound > 0:
+                ucat = self.params.ucat.view(V, -1)
                 ucat.index_copy_(0, seen_idx, ucat.index_select(0, seen_idx).clamp_(-bound, bound))
                 self.params.w.clamp_(-bound, bound)
                 self.params.b.clamp_(-bound, bound)
                 self.sync_carry()  # clamping is not linear: recompute P
-            else:
+        window.reset()
+
+    def _apply_rows(self, seen_idx: torch.Tensor, t_ref: torch.Tensor, carry_grad: torch.Tensor, own: torch.Tensor, own_values: torch.Tensor, coef64: torch.Tensor, apply: bool) -> torch.Tensor:
+        """The Ucat rows' part of ``_apply_window`` as tensor operations (the torch path; the
+        native kernel fuses the same into one pass): move the seen rows by delta and P with
+        them (if ``apply``); return the gradient power per band (K,) float64."""
+        cfg = self.cfg
+        k, c = cfg.n_bands, cfg.out_dim
+        coef = coef64.to(torch.float32)
+        delta = expand_carry_grad(cfg, t_ref, carry_grad, coef)  # (s, K, C)
+        own_f = own * coef[:, None]  # feature space, scaled: coef_k (own_k - own_{k+1})
+        if cfg.features == "bandpass" and k > 1:
+            own_f[:, :-1].addcmul_(own[:, 1:], coef[:-1, None], value=-1.0)
+        delta.index_add_(0, torch.searchsorted(seen_idx, own_values), own_f)
+        power = torch.linalg.vector_norm(delta, dim=2).square().sum(0).to(torch.float64) / (coef64 * coef64)  # |g_k|^2
+        if apply:
+            self.params.ucat.view(V, k * c).index_add_(0, seen_idx, delta.view(-1, k * c))
+            if self.lcfg.weight_bound <= 0:  # with a bound, P is recomputed after clamping
                 t_now = self.traces.index_select(0, seen_idx).to(torch.float32)  # (s, K)
                 self.carry = self.carry + read_rows(cfg, delta, t_now)  # P moves by sum_v T[v, j] (M delta)[v, j]
-        window.reset()
+        return power
 
     def _band_coef(self, d: float) -> torch.Tensor:
         """gamma_obs(k, d) (K,) float64, remembered for the last d asked."""

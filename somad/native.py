@@ -1,9 +1,12 @@
-"""soma's per-byte recurrence in C (``recurrence.c``), built on the device at first use.
+"""soma's per-byte recurrence (and the fused weight update) in C (``recurrence.c``), built on
+the device at first use.
 
 Why: the torch path (``model.forward_modes``) scores a chunk with lag-mode GEMMs, about
 140 k multiply-adds per byte for ``small``; the exact recurrence P_j <- alpha_j P_j +
 (1 - alpha_j) U~[x, j] needs 2 K C (18 k), but one byte after another, which only compiled
-code does fast. Measured in ``bench/throughput`` (README).
+code does fast. Measured in ``bench/throughput`` (README). The weight update
+(``Recurrence.apply_update``) is one pass over the seen rows instead of a dozen tensor
+operations.
 
 How: the C file is compiled with the system's C compiler (``$CC``, else ``cc``) into a shared
 library loaded with ctypes (no Python headers, no torch headers: a second or less to build).
@@ -43,7 +46,7 @@ if TYPE_CHECKING:  # torch is imported when a chunk is run: building needs only 
     import torch
 
 SOURCE = Path(__file__).with_name("recurrence.c")
-ABI_VERSION = 3  # soma_abi_version() of a library this module can call
+ABI_VERSION = 4  # soma_abi_version() of a library this module can call
 # -ffp-contract=fast: a * p + u as one fused multiply-add (ISO C modes leave it off)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")
 PORTABLE_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # when the compiler knows no -march=native
@@ -77,6 +80,10 @@ class Recurrence:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9
         self._fn = fn
+        update = lib.soma_apply_update
+        update.restype = ctypes.c_int
+        update.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10
+        self._update = update
 
     def __deepcopy__(self, memo: dict) -> Recurrence:  # stateless: copies of a learner share it
         return self
@@ -111,6 +118,31 @@ class Recurrence:
         m = self._call(chunk, ucat, alpha, carry, bandpass, out.zc, out.carry, out.values, out.increment, out.decay)
         out.values, out.increment = out.values[:m], out.increment[:m]
         return out
+
+    def apply_update(self, rows: torch.Tensor, t_ref: torch.Tensor, t_now: torch.Tensor, grad_carry: torch.Tensor, coef: torch.Tensor, own: torch.Tensor, own_slot: torch.Tensor, ucat: torch.Tensor, carry: torch.Tensor, bandpass: bool, apply: bool) -> torch.Tensor:
+        """One SGD step on the seen rows of ``ucat`` and on ``carry`` in place, fused (see
+        ``soma_apply_update`` in recurrence.c; ``learner._apply_window`` has the same arithmetic
+        as tensor operations). Returns the gradient power per band (K,) float64.
+
+        rows (s,) int64 seen byte values; t_ref (s, K) float64 and t_now (s, K) float32 their
+        traces when the window opened and now; grad_carry (K, C) and coef (K,) float32; own
+        (u, K, C) float32 the window's own gradients, own_slot (s,) int64 the index into own of
+        each seen value (-1: none); ``apply`` False only measures the power."""
+        import torch
+
+        k, c = grad_carry.shape
+        s = rows.numel()
+        expected = (("rows", rows, torch.int64, (s,)), ("t_ref", t_ref, torch.float64, (s, k)), ("t_now", t_now, torch.float32, (s, k)), ("grad_carry", grad_carry, torch.float32, (k, c)), ("coef", coef, torch.float32, (k,)), ("own", own, torch.float32, (own.shape[0], k, c)), ("own_slot", own_slot, torch.int64, (s,)), ("ucat", ucat, torch.float32, (256 * k, c)), ("carry", carry, torch.float32, (k, c)))
+        for name, tensor, dtype, shape in expected:
+            if tensor.dtype != dtype or not tensor.is_contiguous() or tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must be contiguous {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        if s and (int(own_slot.max()) >= own.shape[0] or int(own_slot.min()) < -1):
+            raise ValueError(f"own_slot must index own (0..{own.shape[0] - 1}) or be -1")
+        power = torch.empty(k, dtype=torch.float64)
+        rc = self._update(s, k, c, int(bandpass), int(apply), *(t.data_ptr() for t in (rows, t_ref, t_now, grad_carry, coef, own, own_slot, ucat, carry, power)))
+        if rc != 0:
+            raise ValueError("soma_apply_update: " + ("out of memory" if rc == -2 else f"bad arguments (s={s}, K={k}, C={c}, rows 0..255)"))
+        return power
 
     @staticmethod
     def _check(chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor) -> None:
@@ -156,13 +188,30 @@ def cpu_identity() -> str:
     return "\n".join(parts)
 
 
-def library_name() -> str:
-    """``recurrence-<tag>.so``: the tag changes with the source, the flags and the CPU."""
+def _digest(*parts: bytes) -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu_identity().encode()):
+    for part in parts:
         digest.update(part)
         digest.update(b"\0")
-    return f"recurrence-{digest.hexdigest()[:16]}.so"
+    return digest.hexdigest()[:12]
+
+
+def library_name() -> str:
+    """``recurrence-<cpu>-<build>.so``: <cpu> names this CPU, <build> the source and flags, so
+    neither a build for another CPU nor one of another source is ever loaded."""
+    return f"recurrence-{_digest(cpu_identity().encode())}-{_digest(SOURCE.read_bytes(), ' '.join(FLAGS).encode())}.so"
+
+
+def prune_stale(directory: Path, keep: Path) -> None:
+    """Remove the libraries in ``directory`` built for this CPU from other sources (earlier
+    versions of somad), keeping ``keep``; libraries for other CPUs are left alone."""
+    cpu_prefix = keep.name.rsplit("-", 1)[0] + "-"
+    for path in directory.glob(cpu_prefix + "*.so"):
+        if path != keep:
+            try:
+                path.unlink()
+            except OSError:  # in use elsewhere, or not ours to remove: harmless
+                pass
 
 
 def candidate_dirs() -> list[Path]:
@@ -201,6 +250,7 @@ def build(directory: Path) -> Path:
                 raise KernelUnavailable(f"{cc}: {err}") from err
             if done.returncode == 0:
                 os.replace(tmp, target)
+                prune_stale(directory, target)
                 return target
             errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
         raise KernelUnavailable(f"{cc} failed: {' / '.join(errors)}")

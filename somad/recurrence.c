@@ -26,7 +26,7 @@
 #define MAX_BANDS 64   /* SomaConfig allows n_bands 1..64 */
 #define V 256
 
-int soma_abi_version(void) { return 3; }
+int soma_abi_version(void) { return 4; }
 
 /* The chunk's distinct byte values in order of first appearance; slot[v] = index, -1 if absent. */
 static int chunk_values(int n, const int64_t *bytes, int *slot, int *values) {
@@ -175,4 +175,80 @@ int soma_chunk_preactivations(int n, int K, int C, int bandpass, const int64_t *
     free(rows);
     free(coef);
     return m;
+}
+
+/* sum_c x[c]^2 in 8 float lanes (a loop the compiler vectorizes; one float64 accumulator
+ * would chain every add on the last), the lanes summed in float64. */
+static double sum_of_squares(int n, const float *x) {
+    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int l = 0; l < 8; l++) lane[l] += x[c + l] * x[c + l];
+    double total = 0.0;
+    for (int l = 0; l < 8; l++) total += lane[l];
+    for (; c < n; c++) total += (double)x[c] * x[c];
+    return total;
+}
+
+/* One SGD step on the rows of U and Wd (ucat) of the s byte values seen so far, fused into one
+ * pass (learner._apply_window has the same arithmetic as tensor operations):
+ *   delta[v, k] = coef_k (T_ref[v, k] D_k - T_ref[v, k+1] D_{k+1})          (bandpass; traces:
+ *               + coef_k (O[v, k] - O[v, k+1])   if v has own gradients O       no k+1 terms)
+ *   ucat[v, k] += delta[v, k]                                                  (if apply)
+ *   P_j        += sum_v T_now[v, j] (delta[v, j] - delta[v, j-1])              (if apply; M delta)
+ *   power_k     = sum_v |delta[v, k]|^2 / coef_k^2                             (always)
+ * rows (s): the seen byte values; t_ref (s x K) float64: traces when the window opened; t_now
+ * (s x K) float32: traces now; grad_carry D (K x C); coef (K); own (u x K x C) and own_slot (s):
+ * index into own of each seen value, -1 if none. Returns 0, or -1 for bad arguments, -2 when
+ * out of memory. */
+int soma_apply_update(int s, int K, int C, int bandpass, int apply, const int64_t *rows,
+                      const double *t_ref, const float *t_now, const float *grad_carry,
+                      const float *coef, const float *own, const int64_t *own_slot,
+                      float *ucat, float *carry, double *power) {
+    if (s < 0 || K < 1 || K > MAX_BANDS || C < 1) return -1;
+    for (int i = 0; i < s; i++)
+        if (rows[i] < 0 || rows[i] >= V) return -1;
+    float *delta = malloc((size_t)2 * C * sizeof(float)); /* this band's and the previous one's */
+    if (!delta) return -2;
+    for (int k = 0; k < K; k++) power[k] = 0.0;
+    for (int i = 0; i < s; i++) {
+        const double *tr = t_ref + (size_t)i * K;
+        const float *tn = t_now + (size_t)i * K;
+        const float *o = own_slot[i] >= 0 ? own + (size_t)own_slot[i] * K * C : NULL;
+        float *u = ucat + (size_t)rows[i] * K * C;
+        float *prev = delta + C, *cur = delta;
+        for (int k = 0; k < K; k++) {
+            const float *d = grad_carry + (size_t)k * C;
+            const float *d_next = grad_carry + (size_t)(k + 1) * C;
+            const float *o_k = o ? o + (size_t)k * C : NULL;
+            const float *o_next = o ? o + (size_t)(k + 1) * C : NULL;
+            int next = bandpass && k + 1 < K;
+            float a = coef[k] * (float)tr[k], b = next ? coef[k] * (float)tr[k + 1] : 0.0f, ck = coef[k];
+            /* separate loops, no branch inside: each one vectorizes */
+            for (int c = 0; c < C; c++) cur[c] = a * d[c];
+            if (next)
+                for (int c = 0; c < C; c++) cur[c] -= b * d_next[c];
+            if (o_k) {
+                for (int c = 0; c < C; c++) cur[c] += ck * o_k[c];
+                if (next)
+                    for (int c = 0; c < C; c++) cur[c] -= ck * o_next[c];
+            }
+            double pw = sum_of_squares(C, cur);
+            power[k] += pw;
+            if (apply) {
+                float *uk = u + (size_t)k * C, *pk = carry + (size_t)k * C, t = tn[k];
+                for (int c = 0; c < C; c++) uk[c] += cur[c];
+                if (bandpass && k > 0)
+                    for (int c = 0; c < C; c++) pk[c] += t * (cur[c] - prev[c]);
+                else
+                    for (int c = 0; c < C; c++) pk[c] += t * cur[c];
+            }
+            float *swap = prev;
+            prev = cur;
+            cur = swap;
+        }
+    }
+    for (int k = 0; k < K; k++) power[k] /= (double)coef[k] * coef[k];
+    free(delta);
+    return 0;
 }

@@ -97,6 +97,16 @@ def test_learner_gives_the_same_losses_with_either_kernel(recurrence, metabolism
     assert torch_learner.updates == native_learner.updates > 0
     torch.testing.assert_close(native_learner.params.ucat, torch_learner.params.ucat, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(native_learner.carry, torch_learner.carry, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(native_learner.last_update_power, torch_learner.last_update_power, rtol=1e-3, atol=1e-9)
+    assert float(native_learner.last_update_power.sum()) > 0
+    # frozen learning (eta 0, an alert open): the update only measures gradient power
+    for learner in (torch_learner, native_learner):
+        learner.eta_scale = 0.0
+        before = learner.params.clone()
+        learner.learn(b"temp=99.9;hum=1\n" * 20)
+        learner.apply_pending()
+        assert torch.equal(learner.params.ucat, before.ucat) and torch.equal(learner.params.w, before.w)
+    torch.testing.assert_close(native_learner.last_update_power, torch_learner.last_update_power, rtol=1e-3, atol=1e-9)
 
 
 def test_kernel_choice_is_validated_and_torch_is_always_available():
@@ -211,3 +221,13 @@ def test_learners_with_the_kernel_copy_and_pickle(recurrence):
     for twin in twins:
         assert twin.kernel == "native"
         assert torch.equal(twin.learn(b"abcd" * 10), want)
+
+
+def test_a_new_build_removes_older_builds_for_this_cpu_only(recurrence, tmp_path):
+    name = native.library_name()
+    cpu = name.rsplit("-", 1)[0]
+    older, foreign = tmp_path / f"{cpu}-000000000000.so", tmp_path / "recurrence-ffffffffffff-000000000000.so"
+    older.write_bytes(b"old build")
+    foreign.write_bytes(b"another cpu")
+    native.build(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, foreign.name])
