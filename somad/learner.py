@@ -556,7 +556,6 @@ class SomaLearner:
             t_now = self.traces.index_select(0, seen_idx).to(torch.float32)
             self.carry = self.carry.contiguous()  # written in place
             self._power = self._recurrence.apply_update(seen_idx, t_ref, t_now, carry_grad.contiguous(), coef64.to(torch.float32), own.contiguous(), own_slot, self.params.ucat, self.carry, cfg.features == "bandpass", eta != 0)
-            self._projected_ok.zero_()  # written in C: ucat's version counter did not move
         else:
             self._power = self._apply_rows(seen_idx, t_ref, carry_grad, own, own_values, coef64, eta != 0)
         self._power_obs = window.observations

@@ -71,8 +71,9 @@ class ChunkPass:
 
 
 class Recurrence:
-    """The loaded library: ``preactivations`` for one chunk. Thread-safe (no shared state;
-    ctypes releases the GIL during the call, so streams on other threads run meanwhile)."""
+    """The loaded library: ``preactivations`` / ``run_chunk`` for a chunk's forward pass,
+    ``apply_update`` for a weight update. Thread-safe (no shared state; ctypes releases the GIL
+    during the call, so streams on other threads run meanwhile)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
@@ -100,11 +101,13 @@ class Recurrence:
         import torch
 
         self._check(chunk, ucat, alpha, carry)
-        if carry_out is not None and (carry_out.shape != carry.shape or carry_out.dtype != torch.float32 or not carry_out.is_contiguous()):
-            raise ValueError(f"carry_out must be contiguous float32 {tuple(carry.shape)}")
+        if carry_out is not None:
+            _require("carry_out", carry_out, torch.float32, tuple(carry.shape))
         zc = torch.empty(chunk.numel(), carry.shape[1])
         if chunk.numel():
             self._call(chunk, ucat, alpha, carry, bandpass, zc, carry_out)
+            if carry_out is not None:
+                _mark_written(carry_out)
         return zc
 
     def run_chunk(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool) -> ChunkPass:
@@ -134,14 +137,15 @@ class Recurrence:
         s = rows.numel()
         expected = (("rows", rows, torch.int64, (s,)), ("t_ref", t_ref, torch.float64, (s, k)), ("t_now", t_now, torch.float32, (s, k)), ("grad_carry", grad_carry, torch.float32, (k, c)), ("coef", coef, torch.float32, (k,)), ("own", own, torch.float32, (own.shape[0], k, c)), ("own_slot", own_slot, torch.int64, (s,)), ("ucat", ucat, torch.float32, (256 * k, c)), ("carry", carry, torch.float32, (k, c)))
         for name, tensor, dtype, shape in expected:
-            if tensor.dtype != dtype or not tensor.is_contiguous() or tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} must be contiguous {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+            _require(name, tensor, dtype, shape)
         if s and (int(own_slot.max()) >= own.shape[0] or int(own_slot.min()) < -1):
             raise ValueError(f"own_slot must index own (0..{own.shape[0] - 1}) or be -1")
         power = torch.empty(k, dtype=torch.float64)
         rc = self._update(s, k, c, int(bandpass), int(apply), *(t.data_ptr() for t in (rows, t_ref, t_now, grad_carry, coef, own, own_slot, ucat, carry, power)))
         if rc != 0:
             raise ValueError("soma_apply_update: " + ("out of memory" if rc == -2 else f"bad arguments (s={s}, K={k}, C={c}, rows 0..255)"))
+        if apply:
+            _mark_written(ucat, carry)
         return power
 
     @staticmethod
@@ -149,8 +153,7 @@ class Recurrence:
         import torch
 
         for name, tensor, dtype in (("chunk", chunk, torch.int64), ("ucat", ucat, torch.float32), ("alpha", alpha, torch.float64), ("carry", carry, torch.float32)):
-            if tensor.dtype != dtype or not tensor.is_contiguous():
-                raise ValueError(f"{name} must be contiguous {dtype}, got {tensor.dtype}{'' if tensor.is_contiguous() else ' (not contiguous)'}")
+            _require(name, tensor, dtype)
         k, c = carry.shape
         if ucat.shape != (256 * k, c) or alpha.shape != (k,) or chunk.dim() != 1:
             raise ValueError(f"shapes do not agree: chunk {tuple(chunk.shape)}, ucat {tuple(ucat.shape)}, alpha {tuple(alpha.shape)}, carry {tuple(carry.shape)}")
@@ -164,6 +167,22 @@ class Recurrence:
         if m < 0:
             raise ValueError("soma_chunk_preactivations: " + ("out of memory" if m == -2 else f"bad arguments (n={n}, K={k}, C={c}, bytes 0..255)"))
         return m
+
+
+def _require(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> None:
+    """Raise ValueError unless ``tensor`` is contiguous, of ``dtype`` and (if given) ``shape``:
+    the C code reads and writes raw memory."""
+    if tensor.dtype != dtype or not tensor.is_contiguous() or (shape is not None and tuple(tensor.shape) != shape):
+        want = f"contiguous {dtype}" + ("" if shape is None else f" {shape}")
+        got = f"{tensor.dtype} {tuple(tensor.shape)}{'' if tensor.is_contiguous() else ' (not contiguous)'}"
+        raise ValueError(f"{name} must be {want}, got {got}")
+
+
+def _mark_written(*tensors: torch.Tensor) -> None:
+    """Count a write through C on each tensor's version counter (an in-place op on an empty
+    slice, no work), as torch's own in-place ops do: caches keyed on it see the change."""
+    for tensor in tensors:
+        tensor[:0].add_(0)
 
 
 def compiler() -> str | None:

@@ -231,3 +231,17 @@ def test_a_new_build_removes_older_builds_for_this_cpu_only(recurrence, tmp_path
     foreign.write_bytes(b"another cpu")
     native.build(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, foreign.name])
+
+
+def test_writes_through_c_move_the_version_counters(recurrence):
+    """Caches keyed on a tensor's version (the torch path's projected rows) must see the
+    kernel's in-place writes as they see torch's own."""
+    cfg = SomaConfig(n_bands=4, hidden_dim=8, direct_readout=False)
+    learner = SomaLearner(cfg, LearnerConfig(kernel="native", metabolism=MetabolismConfig(mode="fixed", d=0.0)))
+    before = learner.params.ucat._version
+    learner.learn(b"abcabc" * 20)
+    assert learner.updates > 0 and learner.params.ucat._version > before
+    carry = torch.zeros(4, cfg.out_dim)
+    version = carry._version
+    recurrence.preactivations(torch.tensor([1, 2]), learner.params.ucat, decays(cfg), carry.clone(), True, carry_out=carry)
+    assert carry._version > version
