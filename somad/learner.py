@@ -56,11 +56,11 @@ from .model import (
 
 
 KERNELS = ("auto", "native", "torch")
-# Bytes per chunk when only scoring with the native kernel. Its cost per byte does not grow
-# with the chunk (the torch path's lag modes do, and its kernels take O(K n^2) memory, hence
-# max_chunk), so longer chunks only spread the ~30 tensor operations per chunk: small on the
-# NAB csv scored 301 / 374 / 466 KB per CPU-second at 128 / 256 / 512 bytes.
-NATIVE_SCORE_CHUNK = 512
+# Bytes per chunk on the native kernel when scoring, and at most when learning. Its cost per
+# byte does not grow with the chunk (the torch path's lag modes do, and its kernels take
+# O(K n^2) memory, hence max_chunk), so longer chunks only spread the ~30 tensor operations
+# per chunk: small on the NAB csv scored 301 / 374 / 466 KB per CPU-second at 128 / 256 / 512 bytes.
+NATIVE_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,9 @@ class GradientWindow:
     def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
         self.start, self.d, self.eta_scale = traces, d, eta_scale
 
-    def new_values(self, uniq: torch.Tensor) -> int:
-        """How many of ``uniq`` have no slot yet."""
-        return int((self.slot_of.index_select(0, uniq) < 0).sum())
+    def has_room(self, uniq: torch.Tensor) -> bool:
+        """Whether a chunk with the distinct values ``uniq`` fits (slots for its new values)."""
+        return self.used + int((self.slot_of.index_select(0, uniq) < 0).sum()) <= self.capacity
 
     def slots(self, uniq: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(slots of ``uniq`` (m,), slots in use before), allocating slots for new values."""
@@ -210,6 +210,82 @@ class GradientWindow:
         self.bytes = 0
 
 
+class ObservationWindow:
+    """Observations not yet learned from, on the native kernel: the bytes read since the window
+    opened, which of them were observations, and the loss gradients there (dZ_t, and h_t, g_t
+    for W and b). ``Recurrence.window_update`` derives the rest in one call at the update: the
+    window's own traces at each observation (from its bytes), the gradients in trace space, the
+    step on every seen row. So a chunk only stores o gradient rows, where ``GradientWindow``
+    also stores (o, slots, K) features built with ChunkKernels. Buffers have a fixed size:
+    ``capacity`` bytes and ``max_observations`` observations (a window is applied before a
+    chunk it has no room for).
+    """
+
+    def __init__(self, cfg: SomaConfig, capacity: int, max_observations: int):
+        hdim = cfg.hidden_dim
+        self.capacity = capacity
+        self.max_observations = max_observations
+        self.data = torch.zeros(capacity, dtype=torch.uint8)  # the bytes since it opened
+        self.positions = torch.zeros(max_observations, dtype=torch.long)  # per observation: its byte in data
+        self.hdim = hdim
+        self.dzc = torch.zeros(max_observations, cfg.out_dim)  # per observation: dZ_t = [dz_t | g_t] (dz_t without a direct readout)
+        self._g = None if cfg.direct_readout else torch.zeros(max_observations, V)  # per observation: g_t, where dZ_t does not hold it
+        self.hidden = torch.zeros(max_observations, hdim)  # per observation: h_t
+        self.start: torch.Tensor | None = None  # trace bank when the window opened (None: closed)
+        self.d = 0.0  # decimation band of its observations
+        self.eta_scale = 1.0  # learning-rate scale of its observations
+        self.bytes = 0  # bytes since it opened
+        self.observations = 0  # observations stored so far
+
+    @property
+    def open(self) -> bool:
+        return self.start is not None
+
+    # dz and g are views of dzc made on demand: a view kept as an attribute would become a
+    # copy of its own when the learner is pickled, and stop seeing writes.
+    @property
+    def dz(self) -> torch.Tensor:
+        """(capacity, H) per observation: dz_t."""
+        return self.dzc[:, : self.hdim]
+
+    @property
+    def g(self) -> torch.Tensor:
+        """(capacity, 256) per observation: g_t, the loss gradient at the logits."""
+        return self.dzc[:, self.hdim :] if self._g is None else self._g
+
+    def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
+        self.start, self.d, self.eta_scale = traces, d, eta_scale
+
+    def has_room(self, n: int, o: int) -> bool:
+        """Whether a chunk of n more bytes with o observations fits."""
+        return self.bytes + n <= self.capacity and self.observations + o <= self.max_observations
+
+    def add_chunk(self, cfg: SomaConfig, params: SomaParams, chunk: torch.Tensor, positions: torch.Tensor, h: torch.Tensor, logp: torch.Tensor) -> None:
+        """Store a chunk (n,): its bytes, and for its observations at ``positions`` (o,) their
+        hidden activations ``h`` and log-probabilities ``logp`` (o, ...)."""
+        n, o = chunk.numel(), positions.numel()
+        if not self.has_room(n, o):
+            raise ValueError(f"a window of {self.capacity} bytes, {self.max_observations} observations has no room for {n} bytes, {o} observations more after {self.bytes}, {self.observations}")
+        if o:
+            rows = slice(self.observations, self.observations + o)
+            torch.add(positions, self.bytes, out=self.positions[rows])
+            self.hidden[rows] = h
+            targets = chunk if o == n else chunk.index_select(0, positions)
+            output_gradient(cfg, params, h, logp, targets, self.dz[rows], self.g[rows])
+        self.data[self.bytes : self.bytes + n] = chunk
+        self.bytes += n
+        self.observations += o
+
+    def readout_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad W (H, 256), grad b (256,)) of the stored observations."""
+        o = self.observations
+        g = self.g[:o]
+        return self.hidden[:o].t() @ g, g.sum(0)
+
+    def reset(self) -> None:
+        self.start, self.bytes, self.observations = None, 0, 0
+
+
 class SomaLearner:
     """One stream's model, trace bank and metabolism. Not thread-safe."""
 
@@ -229,7 +305,6 @@ class SomaLearner:
         self.bytes_seen = 0
         self.updates = 0
         self.eta_scale = 1.0  # the pipeline lowers it while an alert is open ("reduced" learning)
-        self.window = GradientWindow(cfg, min(V, self.lcfg.max_chunk), self.lcfg.batch + self.lcfg.max_chunk)  # observations not yet applied
         self._chunks_since_sync = 0
         self._projected = torch.zeros(V, self.kern.rank, cfg.out_dim)  # Ucat rows in lag modes (project_rows)
         self._projected_ok = torch.zeros(V, dtype=torch.bool)  # which rows of _projected are current
@@ -239,7 +314,8 @@ class SomaLearner:
         self._gamma = band_confidence(cfg.base, cfg.n_bands, 0.0)  # gamma_obs at _gamma_d
         self._gamma_d = 0.0
         self._recurrence = self._load_kernel(self.lcfg.kernel)
-        self._score_chunk = self.lcfg.max_chunk if self._recurrence is None else max(self.lcfg.max_chunk, NATIVE_SCORE_CHUNK)
+        self._score_chunk = self.lcfg.max_chunk if self._recurrence is None else max(self.lcfg.max_chunk, NATIVE_CHUNK)
+        self.window = self._new_window()  # observations not yet applied
 
     @staticmethod
     def _load_kernel(kernel: str) -> native.Recurrence | None:
@@ -252,6 +328,19 @@ class SomaLearner:
             raise native.KernelUnavailable(f"kernel 'native' asked for but unavailable: {native.unavailable_reason()}")
         return recurrence
 
+    def _new_window(self) -> GradientWindow | ObservationWindow:
+        """The window for this forward path, its buffers sized for the longest window there can
+        be. Native: a window is applied once it holds ``batch`` observations (fewer than
+        (batch + 1) r^d_max bytes) or spans window_bytes, and a chunk adds at most NATIVE_CHUNK
+        bytes (``_learn_chunk_length``), so it holds at most batch - 1 + NATIVE_CHUNK
+        observations."""
+        lc = self.lcfg
+        if self._recurrence is None:
+            return GradientWindow(self.cfg, min(V, lc.max_chunk), lc.batch + lc.max_chunk)
+        chunk = max(lc.max_chunk, NATIVE_CHUNK)
+        longest = min(lc.window_bytes, math.ceil((lc.batch + 1) * self.metabolism.base**lc.metabolism.d_max))
+        return ObservationWindow(self.cfg, longest + chunk, lc.batch + chunk)
+
     @property
     def kernel(self) -> str:
         """The forward path in use: "native" or "torch"."""
@@ -259,7 +348,7 @@ class SomaLearner:
 
     @property
     def score_chunk(self) -> int:
-        """Bytes per chunk when only scoring: max_chunk, or NATIVE_SCORE_CHUNK on the native kernel."""
+        """Bytes per chunk when only scoring: max_chunk, or NATIVE_CHUNK on the native kernel."""
         return self._score_chunk
 
     # ------------------------------------------------------------------ public API
@@ -385,19 +474,31 @@ class SomaLearner:
         entropy = torch.empty(buf.numel()) if with_entropy else None
         pos = 0
         while pos < buf.numel():
-            n = self.metabolism.bytes_per_observation_batch(self.lcfg.batch, self.lcfg.max_chunk) if learn else self._score_chunk
+            n = self._learn_chunk_length() if learn else self._score_chunk
             chunk = buf[pos : pos + n]
             end = pos + chunk.numel()
-            out[pos:end] = self._step(chunk, learn, None if entropy is None else entropy[pos:end])
+            bits = self._step(chunk, learn, None if entropy is None else entropy[pos:end])
+            end = pos + bits.numel()  # a native learning step may take fewer bytes (_step_native)
+            out[pos:end] = bits
             pos = end
         return out, entropy
+
+    def _learn_chunk_length(self) -> int:
+        """Bytes of the next learning chunk: about ``batch`` observations, at most max_chunk. On
+        the native kernel, where a chunk holds fewer than ``batch`` observations (the window
+        spans chunks), the chunk runs to the window's update at window_bytes instead, at most
+        NATIVE_CHUNK bytes: the same weights score the same bytes in fewer calls (the kernel
+        has no ChunkKernels, so no max_chunk)."""
+        if self._recurrence is not None and not self._chunk_holds_batch():
+            return max(1, min(NATIVE_CHUNK, self.lcfg.window_bytes - self.window.bytes))
+        return self.metabolism.bytes_per_observation_batch(self.lcfg.batch, self.lcfg.max_chunk)
 
     def _step(self, chunk: torch.Tensor, learn: bool, entropy_out: torch.Tensor | None = None) -> torch.Tensor:
         """Score a chunk with the current weights; when learning, add its observations to the
         window and apply the window once it holds ``batch`` observations. ``entropy_out``
         (n,), if given, receives the entropy in bits of each byte's prediction."""
-        if not learn and self._recurrence is not None:
-            return self._score_native(chunk, entropy_out)
+        if self._recurrence is not None:
+            return self._step_native(chunk, learn, entropy_out)
         t0 = time.perf_counter()
         n = chunk.numel()
         lk = self.kern.at(n)
@@ -410,20 +511,14 @@ class SomaLearner:
             else:
                 observed = self.metabolism.observation_mask(n)
                 n_obs = int(observed.sum())
-            self._close_window_if_changed(uniq)
-        advanced = None  # P after this chunk, when the compiled kernel computes it
-        if self._recurrence is not None:  # exact per-byte recurrence, compiled
-            advanced = torch.empty(self.carry.shape)
-            zc = self._recurrence.preactivations(chunk, self.params.ucat, self.alpha, self.carry.contiguous(), self.cfg.features == "bandpass", carry_out=advanced)
-            h, logits = readout(self.cfg, self.params, zc)
+            self._close_window_if_changed(lambda window: window.has_room(uniq))
+        if update_every_chunk:  # the weights change after this chunk: no use keeping projections
+            k, c = self.cfg.n_bands, self.cfg.out_dim
+            rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
+            projected = project_rows(lk, rows)
         else:
-            if update_every_chunk:  # the weights change after this chunk: no use keeping projections
-                k, c = self.cfg.n_bands, self.cfg.out_dim
-                rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
-                projected = project_rows(lk, rows)
-            else:
-                projected = self._projected_rows(lk, uniq)
-            h, logits = forward_modes(self.cfg, self.params, lk, self.carry, onehot, projected)
+            projected = self._projected_rows(lk, uniq)
+        h, logits = forward_modes(self.cfg, self.params, lk, self.carry, onehot, projected)
         logp, bits = self._losses(logits, chunk, entropy_out)
         window = self.window
         if n_obs and not window.open:
@@ -439,18 +534,104 @@ class SomaLearner:
         self.traces = self.traces * lk.decay64  # a new tensor: the window may hold the old one
         self.traces.index_add_(0, uniq, increment)
         self.seen[uniq] = True
-        if advanced is None:  # P for the new traces, weights as they were
-            self._advance_carry(lk, uniq, onehot, increment, rows)
-        else:
-            self._next_carry(advanced)
-        if window.open and (update_every_chunk or window.observations >= self.lcfg.batch or window.bytes >= self.lcfg.window_bytes):
+        self._advance_carry(lk, uniq, onehot, increment, rows)  # P for the new traces, weights as they were
+        if window.open and self._window_due(update_every_chunk):
             self._apply_window()
-        self.bytes_seen += n
-        power = None
-        if n_obs and self._power_obs:  # the metabolism averages power per observation of this chunk
-            power, self._power_obs = self._power * (n_obs / self._power_obs), 0
-        self.metabolism.after_chunk(bits, n_obs, power, time.perf_counter() - t0 if learn else 0.0)
+        self._account(bits, n_obs, time.perf_counter() - t0 if learn else 0.0)
         return bits
+
+    def _step_native(self, chunk: torch.Tensor, learn: bool, entropy_out: torch.Tensor | None) -> torch.Tensor:
+        """``_step`` on the compiled kernel: one call scores the chunk and gives the trace bank's
+        and P's moves past it; the window keeps the chunk's bytes and output gradients, and its
+        update is one more call (``ObservationWindow``). When learning, the metabolism judges
+        the chunk in pieces of max_chunk bytes, as it judges the torch path's chunks, so a
+        long chunk does not make it slower to react; if a piece moves d while the window holds
+        observations, the chunk ends there (the rest, scored with weights about to change, is
+        dropped and comes back as the next chunk). Returns the losses of the bytes it took."""
+        t0 = time.perf_counter()
+        n = chunk.numel()
+        update_every_chunk = learn and self._chunk_holds_batch()
+        if learn:
+            self._close_window_if_changed(lambda window: window.has_room(n, n))
+        carry_in = self.carry.contiguous()
+        bandpass = self.cfg.features == "bandpass"
+        step = self._recurrence.run_chunk(chunk, self.params.ucat, self.alpha, carry_in, bandpass)
+        h, logits = readout(self.cfg, self.params, step.zc)
+        logp, bits = self._losses(logits, chunk, entropy_out)
+        if not learn:
+            self._move_past(step)
+            self._account(bits, 0, 0.0)
+            return bits
+        taken = self._observe_pieces(chunk, h, logp, bits, t0)
+        if taken < n:  # the state where the chunk ends now (rare: d moved mid-chunk)
+            step = self._recurrence.run_chunk(chunk[:taken], self.params.ucat, self.alpha, carry_in, bandpass)
+            bits = bits[:taken]
+        self._move_past(step)
+        window = self.window
+        if window.open and window.observations == 0:  # bytes but no observation yet: nothing to learn
+            window.reset()
+        if window.open and self._window_due(update_every_chunk):
+            self._apply_window()
+        return bits
+
+    def _observe_pieces(self, chunk: torch.Tensor, h: torch.Tensor, logp: torch.Tensor, bits: torch.Tensor, t0: float) -> int:
+        """Add a scored chunk's observations to the window, found piece by piece (max_chunk
+        bytes): each piece's at the metabolism's stride, then the metabolism's verdict on the
+        piece. Stops after a piece that moved d while the window holds observations made at
+        the old d, or that made the window due. Returns the bytes taken."""
+        n, piece = chunk.numel(), self.lcfg.max_chunk
+        window, metabolism = self.window, self.metabolism
+        if not window.open:
+            window.begin(self.traces, metabolism.d, self.eta_scale)
+        held, found, taken = window.observations, [], n
+        for a in range(0, n, piece):
+            b = min(n, a + piece)
+            if held == 0:  # the window's d is that of its observations
+                window.d = metabolism.d
+            positions = self._observation_positions(b - a)
+            if positions.numel():
+                found.append(positions + a if a else positions)
+                held += positions.numel()
+            self._account(bits[a:b], positions.numel(), (time.perf_counter() - t0) * (b - a) / n)
+            if b < n and held and (metabolism.d != window.d or self._due(held, window.bytes + b)):
+                taken = b
+                break
+        positions = torch.cat(found) if len(found) > 1 else found[0] if found else torch.zeros(0, dtype=torch.long)
+        if positions.numel() == taken:  # every byte observed (d = 0)
+            window.add_chunk(self.cfg, self.params, chunk[:taken], positions, h[:taken], logp[:taken])
+        else:
+            window.add_chunk(self.cfg, self.params, chunk[:taken], positions, h.index_select(0, positions), logp.index_select(0, positions))
+        return taken
+
+    def _move_past(self, step: native.ChunkPass) -> None:
+        """Move the trace bank and the carried state past a chunk the compiled kernel ran."""
+        self.traces = self.traces * step.decay  # a new tensor: the window may hold the old one
+        self.traces.index_add_(0, step.values, step.increment)
+        self.seen[step.values] = True
+        self._next_carry(step.carry)
+
+    def _observation_positions(self, n: int) -> torch.Tensor:
+        """Positions (o,) int64 of the next n bytes' observations (advances the metabolism's phase)."""
+        if self.metabolism.stride == 1.0:  # every byte an observation (the phase stays as it is)
+            return torch.arange(n)
+        return self.metabolism.observation_positions(n)
+
+    def _window_due(self, update_every_chunk: bool) -> bool:
+        """Whether the open window is to be applied after this chunk."""
+        return update_every_chunk or self._due(self.window.observations, self.window.bytes)
+
+    def _due(self, observations: int, nbytes: int) -> bool:
+        """Whether a window of ``observations`` over ``nbytes`` bytes is to be applied."""
+        return observations >= self.lcfg.batch or nbytes >= self.lcfg.window_bytes
+
+    def _account(self, bits: torch.Tensor, n_obs: int, seconds: float) -> None:
+        """Count a chunk's bytes and report it to the metabolism (with the gradient power of
+        the last update, per observation of this chunk)."""
+        self.bytes_seen += bits.numel()
+        power = None
+        if n_obs and self._power_obs:
+            power, self._power_obs = self._power * (n_obs / self._power_obs), 0
+        self.metabolism.after_chunk(bits, n_obs, power, seconds)
 
     def _losses(self, logits: torch.Tensor, chunk: torch.Tensor, entropy_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities (n, 256), loss in bits of each byte (n,)); the entropy of each
@@ -462,20 +643,6 @@ class SomaLearner:
         if not math.isfinite(float(bits.sum())):
             raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
         return logp, bits
-
-    def _score_native(self, chunk: torch.Tensor, entropy_out: torch.Tensor | None) -> torch.Tensor:
-        """``_step`` without learning, on the compiled kernel: it also gives the trace bank's and
-        P's moves past the chunk, so chunks may exceed max_chunk (no ChunkKernels needed)."""
-        step = self._recurrence.run_chunk(chunk, self.params.ucat, self.alpha, self.carry.contiguous(), self.cfg.features == "bandpass")
-        _, logits = readout(self.cfg, self.params, step.zc)
-        bits = self._losses(logits, chunk, entropy_out)[1]
-        self.traces = self.traces * step.decay
-        self.traces.index_add_(0, step.values, step.increment)
-        self.seen[step.values] = True
-        self._next_carry(step.carry)
-        self.bytes_seen += chunk.numel()
-        self.metabolism.after_chunk(bits, 0)
-        return bits
 
     def _next_carry(self, advanced: torch.Tensor | None) -> bool:
         """Count a chunk; recompute P exactly from the traces when a resync is due (every
@@ -492,13 +659,12 @@ class SomaLearner:
         """At this stride a chunk was sized to hold ``batch`` observations: update every chunk."""
         return self.lcfg.batch * self.metabolism.stride <= self.lcfg.max_chunk
 
-    def _close_window_if_changed(self, uniq: torch.Tensor) -> None:
+    def _close_window_if_changed(self, has_room) -> None:
         """Apply the window before a chunk that cannot join it: its observations were made at
-        another d or eta_scale (gamma_obs and eta are exact per window), or it has no room."""
+        another d or eta_scale (gamma_obs and eta are exact per window), or ``has_room(window)``
+        says the chunk does not fit."""
         window = self.window
-        if not window.open:
-            return
-        if window.d != self.metabolism.d or window.eta_scale != self.eta_scale or window.used + window.new_values(uniq) > window.capacity:
+        if window.open and (window.d != self.metabolism.d or window.eta_scale != self.eta_scale or not has_room(window)):
             self._apply_window()
 
     def _projected_rows(self, lk: LengthKernels, uniq: torch.Tensor) -> torch.Tensor:
@@ -544,20 +710,20 @@ class SomaLearner:
         sum_v T[v, j] (M delta)[v, j] (``read_rows``), no recomputation from all the weights.
         """
         cfg, window = self.cfg, self.window
-        carry_grad, own, grad_w, grad_b = window.gradients(cfg.hidden_dim)
         seen_idx = self.seen.nonzero().squeeze(1)  # (s,) includes the window's byte values
         eta = self.lcfg.eta * window.eta_scale
         coef64 = self._band_coef(window.d) * (-eta if eta != 0 else 1.0)  # (K,) per-band step; eta 0 only measures
         t_ref = window.start.index_select(0, seen_idx)  # (s, K) float64
-        own_values = window.values[: window.used]
         bound = self.lcfg.weight_bound
-        if self._recurrence is not None and bound <= 0:  # one fused pass in C
-            own_slot = window.slot_of.index_select(0, seen_idx)  # slot in own of each seen value, -1 if none
+        if self._recurrence is not None:  # one call in C from the window's bytes and gradients
+            o = window.observations
             t_now = self.traces.index_select(0, seen_idx).to(torch.float32)
             self.carry = self.carry.contiguous()  # written in place
-            self._power = self._recurrence.apply_update(seen_idx, t_ref, t_now, carry_grad.contiguous(), coef64.to(torch.float32), own.contiguous(), own_slot, self.params.ucat, self.carry, cfg.features == "bandpass", eta != 0)
+            self._power = self._recurrence.window_update(seen_idx, t_ref, t_now, window.data[: window.bytes], window.positions[:o], window.dzc[:o], self.alpha, coef64.to(torch.float32), self.params.ucat, self.carry, cfg.features == "bandpass", eta != 0)
+            grad_w, grad_b = window.readout_gradients()
         else:
-            self._power = self._apply_rows(seen_idx, t_ref, carry_grad, own, own_values, coef64, eta != 0)
+            carry_grad, own, grad_w, grad_b = window.gradients(cfg.hidden_dim)
+            self._power = self._apply_rows(seen_idx, t_ref, carry_grad, own, window.values[: window.used], coef64, eta != 0)
         self._power_obs = window.observations
         if eta != 0:
             self.params.w.add_(grad_w, alpha=-eta)
@@ -573,7 +739,7 @@ class SomaLearner:
 
     def _apply_rows(self, seen_idx: torch.Tensor, t_ref: torch.Tensor, carry_grad: torch.Tensor, own: torch.Tensor, own_values: torch.Tensor, coef64: torch.Tensor, apply: bool) -> torch.Tensor:
         """The Ucat rows' part of ``_apply_window`` as tensor operations (the torch path; the
-        native kernel fuses the same into one pass): move the seen rows by delta and P with
+        native kernel does the same in one call, ``Recurrence.window_update``): move the seen rows by delta and P with
         them (if ``apply``); return the gradient power per band (K,) float64."""
         cfg = self.cfg
         k, c = cfg.n_bands, cfg.out_dim

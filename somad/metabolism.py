@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .model import band_confidence
@@ -82,7 +83,7 @@ class Metabolism:
         self.bytes = 0
         self.byte_rate = 0.0  # bytes per second, when the caller passes elapsed time
         self.band_power = torch.zeros(n_bands, dtype=torch.float64)  # EMA of |g_k|^2 per observation
-        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights = np.zeros((2, 0))  # EMA weights of the longest chunk so far (_ema_weights)
 
     # ------------------------------------------------------------------ planning
 
@@ -101,9 +102,19 @@ class Metabolism:
 
     def observation_mask(self, n: int) -> torch.Tensor:
         """Which of the next n bytes are observations at stride r^d (advances the phase)."""
+        return torch.from_numpy(self._crossings(n))
+
+    def observation_positions(self, n: int) -> torch.Tensor:
+        """Positions (o,) int64 of the observations among the next n bytes (``observation_mask``'s
+        True entries; advances the phase the same way)."""
+        return torch.from_numpy(np.flatnonzero(self._crossings(n)))
+
+    def _crossings(self, n: int) -> np.ndarray:
+        """(n,) bool: the bytes where the phase crosses a whole number (advances it). numpy,
+        not torch: this runs for every chunk, and at this size a torch op costs more than its work."""
         step = 1.0 / self.stride
-        cum = self.phase + step * torch.arange(1, n + 1, dtype=torch.float64)
-        crossed = torch.floor(cum) > torch.floor(cum - step)
+        cum = self.phase + step * np.arange(1, n + 1, dtype=np.float64)
+        crossed = np.floor(cum) > np.floor(cum - step)
         self.phase = float(cum[-1] - math.floor(cum[-1])) if n else self.phase
         return crossed
 
@@ -120,29 +131,31 @@ class Metabolism:
             return
         self.bytes += n
         self.observations += n_obs
-        self._update_surprise(bits.to(torch.float64))
+        self._update_surprise(bits)
         if band_power is not None and n_obs:
             self.band_power.mul_(0.9).add_(band_power.to(torch.float64) / n_obs, alpha=0.1)
         self._spend(n, n_obs, seconds)
         if self.cfg.mode == "adaptive":
             self._adapt(n)
 
-    def _ema_weights(self, n: int) -> torch.Tensor:
-        """(3, n) weights and (2,) decays: the closed form of n EMA steps (cached per n)."""
-        if n not in self._weights:
-            taus = torch.tensor([self.cfg.fast_bytes, self.cfg.slow_bytes], dtype=torch.float64)
-            a = 1.0 - 1.0 / taus
-            w = (1.0 - a)[:, None] * a[:, None] ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
-            self._weights[n] = (w, a**n)
-        return self._weights[n]
+    def _ema_weights(self, n: int) -> tuple[np.ndarray, tuple[float, float]]:
+        """(2, n) weights and the two decays: the closed form of n EMA steps. The weights for n
+        are the last n of those for any longer run, so one array is kept (grown to the longest
+        chunk seen), not one per length."""
+        a_fast, a_slow = 1.0 - 1.0 / self.cfg.fast_bytes, 1.0 - 1.0 / self.cfg.slow_bytes
+        if self._weights.shape[1] < n:
+            a = np.array([a_fast, a_slow])
+            self._weights = (1.0 - a)[:, None] * a[:, None] ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        return self._weights[:, self._weights.shape[1] - n :], (a_fast**n, a_slow**n)
 
     def _update_surprise(self, bits: torch.Tensor) -> None:
-        w, decay = self._ema_weights(bits.numel())
-        fast, slow = (w @ bits).tolist()
-        slow_sq = float(w[1] @ (bits * bits))
-        self.fast = float(decay[0]) * self.fast + fast
-        self.slow = float(decay[1]) * self.slow + slow
-        self.slow_sq = float(decay[1]) * self.slow_sq + slow_sq
+        w, (decay_fast, decay_slow) = self._ema_weights(bits.numel())
+        x = bits.numpy().astype(np.float64)  # numpy: three dot products a chunk, where torch's overhead would dominate
+        fast, slow = w @ x
+        slow_sq = float(w[1] @ (x * x))
+        self.fast = decay_fast * self.fast + float(fast)
+        self.slow = decay_slow * self.slow + float(slow)
+        self.slow_sq = decay_slow * self.slow_sq + slow_sq
         self.warm = min(self.warm + bits.numel(), 10 * self.cfg.slow_bytes)
 
     def _debiased(self, value: float, tau: float) -> float:

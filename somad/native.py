@@ -5,8 +5,9 @@ Why: the torch path (``model.forward_modes``) scores a chunk with lag-mode GEMMs
 140 k multiply-adds per byte for ``small``; the exact recurrence P_j <- alpha_j P_j +
 (1 - alpha_j) U~[x, j] needs 2 K C (18 k), but one byte after another, which only compiled
 code does fast. Measured in ``bench/throughput`` (README). The weight update
-(``Recurrence.apply_update``) is one pass over the seen rows instead of a dozen tensor
-operations.
+(``Recurrence.window_update``) takes a window's bytes and output gradients and does the rest
+in one call: the window's own traces, the gradients in trace space and one pass over the seen
+rows (the torch path needs kernels, a window of stored features and a dozen tensor operations).
 
 How: the C file is compiled with the system's C compiler (``$CC``, else ``cc``) into a shared
 library loaded with ctypes (no Python headers, no torch headers: a second or less to build).
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # torch is imported when a chunk is run: building needs only 
     import torch
 
 SOURCE = Path(__file__).with_name("recurrence.c")
-ABI_VERSION = 4  # soma_abi_version() of a library this module can call
+ABI_VERSION = 6  # soma_abi_version() of a library this module can call
 # -ffp-contract=fast: a * p + u as one fused multiply-add (ISO C modes leave it off)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")
 PORTABLE_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # when the compiler knows no -march=native
@@ -72,7 +73,7 @@ class ChunkPass:
 
 class Recurrence:
     """The loaded library: ``preactivations`` / ``run_chunk`` for a chunk's forward pass,
-    ``apply_update`` for a weight update. Thread-safe (no shared state; ctypes releases the GIL
+    ``window_update`` for a weight update. Thread-safe (no shared state; ctypes releases the GIL
     during the call, so streams on other threads run meanwhile)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
@@ -81,9 +82,9 @@ class Recurrence:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9
         self._fn = fn
-        update = lib.soma_apply_update
+        update = lib.soma_window_update
         update.restype = ctypes.c_int
-        update.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10
+        update.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
         self._update = update
 
     def __deepcopy__(self, memo: dict) -> Recurrence:  # stateless: copies of a learner share it
@@ -122,28 +123,29 @@ class Recurrence:
         out.values, out.increment = out.values[:m], out.increment[:m]
         return out
 
-    def apply_update(self, rows: torch.Tensor, t_ref: torch.Tensor, t_now: torch.Tensor, grad_carry: torch.Tensor, coef: torch.Tensor, own: torch.Tensor, own_slot: torch.Tensor, ucat: torch.Tensor, carry: torch.Tensor, bandpass: bool, apply: bool) -> torch.Tensor:
-        """One SGD step on the seen rows of ``ucat`` and on ``carry`` in place, fused (see
-        ``soma_apply_update`` in recurrence.c; ``learner._apply_window`` has the same arithmetic
-        as tensor operations). Returns the gradient power per band (K,) float64.
+    def window_update(self, rows: torch.Tensor, t_ref: torch.Tensor, t_now: torch.Tensor, window: torch.Tensor, positions: torch.Tensor, dzc: torch.Tensor, alpha: torch.Tensor, coef: torch.Tensor, ucat: torch.Tensor, carry: torch.Tensor, bandpass: bool, apply: bool) -> torch.Tensor:
+        """One SGD step from a window of observations on the seen rows of ``ucat`` and on
+        ``carry`` in place (``soma_window_update`` in recurrence.c has the arithmetic). Returns
+        the gradient power per band (K,) float64.
 
-        rows (s,) int64 seen byte values; t_ref (s, K) float64 and t_now (s, K) float32 their
-        traces when the window opened and now; grad_carry (K, C) and coef (K,) float32; own
-        (u, K, C) float32 the window's own gradients, own_slot (s,) int64 the index into own of
-        each seen value (-1: none); ``apply`` False only measures the power."""
+        rows (s,) int64: the seen byte values (distinct; every byte of the window among them);
+        t_ref (s, K) float64 and t_now (s, K) float32: their traces when the window opened and
+        now; window (L,) uint8: the bytes read since it opened; positions (o,) int64: its
+        observations (increasing, < L); dzc (o, C) float32: the loss gradient at the
+        pre-activations of each; alpha (K,) float64; coef (K,) float32: the step per band;
+        ``apply`` False only measures the power."""
         import torch
 
-        k, c = grad_carry.shape
-        s = rows.numel()
-        expected = (("rows", rows, torch.int64, (s,)), ("t_ref", t_ref, torch.float64, (s, k)), ("t_now", t_now, torch.float32, (s, k)), ("grad_carry", grad_carry, torch.float32, (k, c)), ("coef", coef, torch.float32, (k,)), ("own", own, torch.float32, (own.shape[0], k, c)), ("own_slot", own_slot, torch.int64, (s,)), ("ucat", ucat, torch.float32, (256 * k, c)), ("carry", carry, torch.float32, (k, c)))
+        k, c = carry.shape
+        s, n, o = rows.numel(), window.numel(), positions.numel()
+        expected = (("rows", rows, torch.int64, (s,)), ("t_ref", t_ref, torch.float64, (s, k)), ("t_now", t_now, torch.float32, (s, k)), ("window", window, torch.uint8, (n,)), ("positions", positions, torch.int64, (o,)), ("dzc", dzc, torch.float32, (o, c)), ("alpha", alpha, torch.float64, (k,)), ("coef", coef, torch.float32, (k,)), ("ucat", ucat, torch.float32, (256 * k, c)), ("carry", carry, torch.float32, (k, c)))
         for name, tensor, dtype, shape in expected:
             _require(name, tensor, dtype, shape)
-        if s and (int(own_slot.max()) >= own.shape[0] or int(own_slot.min()) < -1):
-            raise ValueError(f"own_slot must index own (0..{own.shape[0] - 1}) or be -1")
         power = torch.empty(k, dtype=torch.float64)
-        rc = self._update(s, k, c, int(bandpass), int(apply), *(t.data_ptr() for t in (rows, t_ref, t_now, grad_carry, coef, own, own_slot, ucat, carry, power)))
+        rc = self._update(s, k, c, int(bandpass), int(apply), rows.data_ptr(), t_ref.data_ptr(), t_now.data_ptr(), n, window.data_ptr(), o, *(t.data_ptr() for t in (positions, dzc, alpha, coef, ucat, carry, power)))
         if rc != 0:
-            raise ValueError("soma_apply_update: " + ("out of memory" if rc == -2 else f"bad arguments (s={s}, K={k}, C={c}, rows 0..255)"))
+            why = "out of memory" if rc == -2 else f"bad arguments (s={s}, K={k}, C={c}, L={n}, o={o}: rows distinct in 0..255 and holding every window byte, positions increasing in 0..L-1)"
+            raise ValueError("soma_window_update: " + why)
         if apply:
             _mark_written(ucat, carry)
         return power

@@ -26,7 +26,7 @@
 #define MAX_BANDS 64   /* SomaConfig allows n_bands 1..64 */
 #define V 256
 
-int soma_abi_version(void) { return 4; }
+int soma_abi_version(void) { return 6; }
 
 /* The chunk's distinct byte values in order of first appearance; slot[v] = index, -1 if absent. */
 static int chunk_values(int n, const int64_t *bytes, int *slot, int *values) {
@@ -190,53 +190,151 @@ static double sum_of_squares(int n, const float *x) {
     return total;
 }
 
-/* One SGD step on the rows of U and Wd (ucat) of the s byte values seen so far, fused into one
- * pass (learner._apply_window has the same arithmetic as tensor operations):
- *   delta[v, k] = coef_k (T_ref[v, k] D_k - T_ref[v, k+1] D_{k+1})          (bandpass; traces:
- *               + coef_k (O[v, k] - O[v, k+1])   if v has own gradients O       no k+1 terms)
- *   ucat[v, k] += delta[v, k]                                                  (if apply)
- *   P_j        += sum_v T_now[v, j] (delta[v, j] - delta[v, j-1])              (if apply; M delta)
- *   power_k     = sum_v |delta[v, k]|^2 / coef_k^2                             (always)
- * rows (s): the seen byte values; t_ref (s x K) float64: traces when the window opened; t_now
- * (s x K) float32: traces now; grad_carry D (K x C); coef (K); own (u x K x C) and own_slot (s):
- * index into own of each seen value, -1 if none. Returns 0, or -1 for bad arguments, -2 when
- * out of memory. */
-int soma_apply_update(int s, int K, int C, int bandpass, int apply, const int64_t *rows,
-                      const double *t_ref, const float *t_now, const float *grad_carry,
-                      const float *coef, const float *own, const int64_t *own_slot,
-                      float *ucat, float *carry, double *power) {
-    if (s < 0 || K < 1 || K > MAX_BANDS || C < 1) return -1;
-    for (int i = 0; i < s; i++)
-        if (rows[i] < 0 || rows[i] >= V) return -1;
-    float *delta = malloc((size_t)2 * C * sizeof(float)); /* this band's and the previous one's */
-    if (!delta) return -2;
-    for (int k = 0; k < K; k++) power[k] = 0.0;
+/* The window's distinct byte values: slot[v] their index in order of first appearance, -1
+ * for the others. Returns their number u. */
+static int window_values(int L, const uint8_t *bytes, int *slot) {
+    int u = 0;
+    for (int v = 0; v < V; v++) slot[v] = -1;
+    for (int t = 0; t < L; t++)
+        if (slot[bytes[t]] < 0) slot[bytes[t]] = u++;
+    return u;
+}
+
+/* The window's own traces at each observation, o x u x K float32:
+ * feats[i, q, j] = sum over bytes s < obs[i] equal to value q of (1 - alpha_j) alpha_j^(obs[i]-1-s),
+ * and decay_at[i, j] = alpha_j^obs[i] (how the traces the window opened with reach obs[i]).
+ * The sums run in float64 (acc, u x K), every seen value's decayed at each byte: u K
+ * multiplies a byte, against the forward's 2 K C, and no table that grows with L.
+ * first_obs[q]: the first observation after value q first occurs; its features before that are
+ * zero and are not written. */
+static void window_feats(int L, int K, const uint8_t *bytes, int o, const int64_t *obs,
+                         const double *alpha, const int *slot, int u, double *acc, float *feats,
+                         float *decay_at, int *first_obs) {
+    double power[MAX_BANDS];
+    for (int j = 0; j < K; j++) power[j] = 1.0;
+    int seen = 0, i = 0;
+    for (int t = 0; t < L; t++) {
+        for (; i < o && obs[i] == t; i++) {
+            float *f = feats + (size_t)i * u * K;
+            for (int x = 0; x < seen * K; x++) f[x] = (float)acc[x];
+            for (int j = 0; j < K; j++) decay_at[(size_t)i * K + j] = (float)power[j];
+        }
+        for (int x = 0; x < seen; x++) {
+            double *a = acc + (size_t)x * K;
+            for (int j = 0; j < K; j++) a[j] *= alpha[j];
+        }
+        for (int j = 0; j < K; j++) power[j] *= alpha[j];
+        int q = slot[bytes[t]];
+        double *a = acc + (size_t)q * K;
+        if (q == seen) { /* first occurrence (slots are numbered in that order) */
+            seen++;
+            first_obs[q] = i;
+            for (int j = 0; j < K; j++) a[j] = 1.0 - alpha[j];
+        } else {
+            for (int j = 0; j < K; j++) a[j] += 1.0 - alpha[j];
+        }
+    }
+}
+
+/* out[j, :] = sum over observations i >= from of coef[i * stride + j] * dzc[i, :], j < K:
+ * a (K x o) by (o x C) product, in column blocks whose sums stay in registers. */
+static void weighted_sum(int K, int C, int o, int from, const float *coef, size_t stride,
+                         const float *dzc, float *out) {
+    for (int j = 0; j < K; j++) {
+        for (int c0 = 0; c0 < C; c0 += CB) {
+            int w = C - c0 < CB ? C - c0 : CB;
+            float acc[CB];
+            for (int c = 0; c < CB; c++) acc[c] = 0.0f;
+            if (w == CB) {
+                for (int i = from; i < o; i++) {
+                    const float *restrict z = dzc + (size_t)i * C + c0;
+                    float f = coef[(size_t)i * stride + j];
+                    for (int c = 0; c < CB; c++) acc[c] += f * z[c];
+                }
+            } else {
+                for (int i = from; i < o; i++) {
+                    const float *restrict z = dzc + (size_t)i * C + c0;
+                    float f = coef[(size_t)i * stride + j];
+                    for (int c = 0; c < w; c++) acc[c] += f * z[c];
+                }
+            }
+            memcpy(out + (size_t)j * C + c0, acc, (size_t)w * sizeof(float));
+        }
+    }
+}
+
+/* One SGD step from a window of observations, in one pass over the rows of U and Wd (ucat) of
+ * the s byte values seen so far (learner._apply_window; the torch path does the same with
+ * tensor operations, learner.GradientWindow).
+ *
+ * The window opened when the trace bank was T_ref; since then it read L bytes, and made o
+ * observations at positions obs[i] (increasing, < L), each with dZ_i = dzc[i] (C floats), the
+ * loss gradient at the pre-activations that predicted byte obs[i]. The traces before byte t
+ * are alpha^t T_ref plus the window's own, so the trace-space gradient of row (v, j) is
+ *   G[v, j] = T_ref[v, j] D_j + O[v, j],  D_j = sum_i alpha_j^obs[i] dZ_i,
+ *   O[v, j] = sum_i feats[i, v, j] dZ_i   (window_feats; only for the window's own values)
+ * and the step, with the band mixing M (bandpass B_k = T_k - T_{k+1}):
+ *   delta[v, k] = coef_k (G[v, k] - G[v, k+1])     (traces: coef_k G[v, k])
+ *   ucat[v, k] += delta[v, k]                                       (if apply)
+ *   P_j        += sum_v T_now[v, j] (delta[v, j] - delta[v, j-1])   (if apply; M delta)
+ *   power_k     = sum_v |delta[v, k]|^2 / coef_k^2                  (always)
+ * rows (s): the seen byte values, distinct, including every byte of the window; t_ref (s x K)
+ * float64 and t_now (s x K) float32 their traces when the window opened and now; alpha (K);
+ * coef (K): -eta gamma_obs(k, d). Returns 0, or -1 for bad arguments, -2 when out of memory. */
+int soma_window_update(int s, int K, int C, int bandpass, int apply, const int64_t *rows,
+                       const double *t_ref, const float *t_now, int L, const uint8_t *bytes,
+                       int o, const int64_t *obs, const float *dzc, const double *alpha,
+                       const float *coef, float *ucat, float *carry, double *power) {
+    if (s < 0 || s > V || K < 1 || K > MAX_BANDS || C < 1 || L < 0 || o < 0 || o > L) return -1;
+    int is_row[V] = {0};
     for (int i = 0; i < s; i++) {
-        const double *tr = t_ref + (size_t)i * K;
-        const float *tn = t_now + (size_t)i * K;
-        const float *o = own_slot[i] >= 0 ? own + (size_t)own_slot[i] * K * C : NULL;
-        float *u = ucat + (size_t)rows[i] * K * C;
+        if (rows[i] < 0 || rows[i] >= V || is_row[rows[i]]) return -1;
+        is_row[rows[i]] = 1;
+    }
+    for (int t = 0; t < L; t++)
+        if (!is_row[bytes[t]]) return -1;
+    for (int i = 0; i < o; i++)
+        if (obs[i] < 0 || obs[i] >= L || (i > 0 && obs[i] <= obs[i - 1])) return -1;
+    int slot[V], first_obs[V];
+    int u = window_values(L, bytes, slot);
+    double *acc = malloc((size_t)(u ? u : 1) * K * sizeof(double));
+    float *feats = malloc((size_t)(o && u ? o * u : 1) * K * sizeof(float));
+    float *decay_at = malloc((size_t)(o ? o : 1) * K * sizeof(float));
+    float *grad_carry = malloc((size_t)K * C * sizeof(float));
+    float *own = malloc((size_t)(K + 1) * C * sizeof(float)); /* row K: zeros, band K+1 */
+    float *delta = malloc((size_t)2 * C * sizeof(float)); /* this band's and the previous one's */
+    if (!acc || !feats || !decay_at || !grad_carry || !own || !delta) {
+        free(acc); free(feats); free(decay_at); free(grad_carry); free(own); free(delta);
+        return -2;
+    }
+    window_feats(L, K, bytes, o, obs, alpha, slot, u, acc, feats, decay_at, first_obs);
+    weighted_sum(K, C, o, 0, decay_at, K, dzc, grad_carry);
+    memset(own + (size_t)K * C, 0, (size_t)C * sizeof(float));
+    for (int k = 0; k < K; k++) power[k] = 0.0;
+    for (int r = 0; r < s; r++) {
+        const double *tr = t_ref + (size_t)r * K;
+        const float *tn = t_now + (size_t)r * K;
+        int q = slot[rows[r]];
+        int has_own = q >= 0 && first_obs[q] < o; /* observed after its first byte in the window */
+        if (has_own) weighted_sum(K, C, o, first_obs[q], feats + (size_t)q * K, (size_t)u * K, dzc, own);
+        float *row = ucat + (size_t)rows[r] * K * C;
         float *prev = delta + C, *cur = delta;
         for (int k = 0; k < K; k++) {
             const float *d = grad_carry + (size_t)k * C;
             const float *d_next = grad_carry + (size_t)(k + 1) * C;
-            const float *o_k = o ? o + (size_t)k * C : NULL;
-            const float *o_next = o ? o + (size_t)(k + 1) * C : NULL;
             int next = bandpass && k + 1 < K;
             float a = coef[k] * (float)tr[k], b = next ? coef[k] * (float)tr[k + 1] : 0.0f, ck = coef[k];
             /* separate loops, no branch inside: each one vectorizes */
             for (int c = 0; c < C; c++) cur[c] = a * d[c];
             if (next)
                 for (int c = 0; c < C; c++) cur[c] -= b * d_next[c];
-            if (o_k) {
-                for (int c = 0; c < C; c++) cur[c] += ck * o_k[c];
-                if (next)
-                    for (int c = 0; c < C; c++) cur[c] -= ck * o_next[c];
+            if (has_own) {
+                const float *o_k = own + (size_t)k * C, *o_next = own + (size_t)(next ? k + 1 : K) * C;
+                for (int c = 0; c < C; c++) cur[c] += ck * (o_k[c] - o_next[c]);
             }
-            double pw = sum_of_squares(C, cur);
-            power[k] += pw;
+            power[k] += sum_of_squares(C, cur);
             if (apply) {
-                float *uk = u + (size_t)k * C, *pk = carry + (size_t)k * C, t = tn[k];
+                float *uk = row + (size_t)k * C, *pk = carry + (size_t)k * C, t = tn[k];
                 for (int c = 0; c < C; c++) uk[c] += cur[c];
                 if (bandpass && k > 0)
                     for (int c = 0; c < C; c++) pk[c] += t * (cur[c] - prev[c]);
@@ -249,6 +347,6 @@ int soma_apply_update(int s, int K, int C, int bandpass, int apply, const int64_
         }
     }
     for (int k = 0; k < K; k++) power[k] /= (double)coef[k] * coef[k];
-    free(delta);
+    free(acc); free(feats); free(decay_at); free(grad_carry); free(own); free(delta);
     return 0;
 }

@@ -6,6 +6,7 @@ The reference is always the textbook model (tests/helpers.py) and autograd throu
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -33,11 +34,20 @@ from somad.model import (
 from tests.helpers import bits_of, naive_logits_batch, random_bytes, random_params, trace_banks
 
 
-def windowed(d: float = 3.0, features: str = "bandpass", **lcfg) -> SomaLearner:
+def windowed(d: float = 3.0, features: str = "bandpass", kernel: str = "torch", **lcfg) -> SomaLearner:
     """A learner whose chunks (16 bytes) hold fewer than ``batch`` (8) observations at stride r^d."""
     cfg = SomaConfig(n_bands=10, hidden_dim=16, features=features)
-    opts = {"lr": 0.05, "batch": 8, "max_chunk": 16, "metabolism": MetabolismConfig(mode="fixed", d=d), **lcfg}
+    opts = {"lr": 0.05, "batch": 8, "max_chunk": 16, "kernel": kernel, "metabolism": MetabolismConfig(mode="fixed", d=d), **lcfg}
     return SomaLearner(cfg, LearnerConfig(**opts), params=random_params(cfg))
+
+
+@pytest.fixture(params=["torch", "native"])
+def kernel(request) -> str:
+    """Each forward path in turn: windows are kept apart on each (GradientWindow on torch,
+    ObservationWindow and one C call per update on native)."""
+    if request.param == "native":
+        request.getfixturevalue("recurrence")  # skipped (or failed in CI) without a compiler
+    return request.param
 
 
 # --------------------------------------------------------------------------- lag modes
@@ -88,20 +98,11 @@ def _run_one_window(learner: SomaLearner, data: bytes) -> tuple[list[int], torch
     return fed, torch.cat(observed)
 
 
-@pytest.mark.parametrize("features", ["traces", "bandpass"])
-def test_window_over_chunks_is_one_exact_sgd_step(features):
-    """An update from observations spread over several chunks is -eta gamma_obs(k, d) times
-    the gradient of their summed loss at the weights that scored them, and P stays exact."""
-    d = 4.0  # stride 6.9: 8 observations span 4 chunks
-    learner = windowed(d, features)
-    learner.learn(random_bytes(300, seed=1, alphabet=12))
-    learner.apply_pending()
-    before, traces0 = learner.params.clone(), learner.traces.clone()
-    data, observed = _run_one_window(learner, random_bytes(400, seed=2, alphabet=12))
-    assert len(data) >= 3 * learner.lcfg.max_chunk, "the window must span several chunks"
-    assert int(observed.sum()) >= learner.lcfg.batch
-
-    cfg = learner.cfg
+def assert_one_sgd_step(learner: SomaLearner, before, traces0: torch.Tensor, data: list[int], observed: torch.Tensor) -> None:
+    """The learner's last update (from ``before``, trace bank ``traces0``) was -eta
+    gamma_obs(k, d) times the gradient of the summed loss of the bytes ``observed`` in ``data``
+    at the weights that scored them, with P exact after it and the band power reported."""
+    cfg, d = learner.cfg, learner.metabolism.d
     ucat = before.ucat.double().requires_grad_()
     w = before.w.double().requires_grad_()
     b = before.b.double().requires_grad_()
@@ -123,9 +124,51 @@ def test_window_over_chunks_is_one_exact_sgd_step(features):
     torch.testing.assert_close(learner._power, power, rtol=1e-4, atol=1e-9)
 
 
-def test_windowed_learning_matches_naive_forward():
+@pytest.mark.parametrize("features", ["traces", "bandpass"])
+def test_window_over_chunks_is_one_exact_sgd_step(features, kernel):
+    """An update from observations spread over several chunks is -eta gamma_obs(k, d) times
+    the gradient of their summed loss at the weights that scored them, and P stays exact."""
+    d = 4.0  # stride 6.9: 8 observations span 4 chunks
+    learner = windowed(d, features, kernel)
+    learner.learn(random_bytes(300, seed=1, alphabet=12))
+    learner.apply_pending()
+    before, traces0 = learner.params.clone(), learner.traces.clone()
+    data, observed = _run_one_window(learner, random_bytes(400, seed=2, alphabet=12))
+    assert len(data) >= 3 * learner.lcfg.max_chunk, "the window must span several chunks"
+    assert int(observed.sum()) >= learner.lcfg.batch
+    assert_one_sgd_step(learner, before, traces0, data, observed)
+
+
+@pytest.mark.parametrize("features", ["traces", "bandpass"])
+def test_native_learning_chunks_run_to_the_window_end(features, recurrence):
+    """On the native kernel a window of window_bytes (here 7.5 max_chunks) is scored as one
+    chunk by ``learn`` and applied as one exact SGD step."""
+    learner = windowed(4.5, features, "native", batch=16, window_bytes=120)  # 120 bytes: 13-14 observations
+    learner.learn(random_bytes(300, seed=1, alphabet=12))
+    learner.apply_pending()
+    assert learner._learn_chunk_length() == 120 > learner.lcfg.max_chunk
+    before, traces0, updates = learner.params.clone(), learner.traces.clone(), learner.updates
+    observed = copy.deepcopy(learner.metabolism).observation_mask(120)
+    data = list(random_bytes(120, seed=2, alphabet=12))
+    learner.learn(bytes(data))
+    assert learner.updates == updates + 1 and not learner.window.open
+    assert_one_sgd_step(learner, before, traces0, data, observed)
+
+
+def test_native_window_buffers_are_sized_by_the_longest_window(recurrence):
+    """window_bytes far above what batch observations span: buffers for batch r^d_max bytes
+    plus a chunk, not for window_bytes, and learning goes on within them."""
+    learner = windowed(6.0, kernel="native", batch=8, window_bytes=10**6, metabolism=MetabolismConfig(mode="fixed", d=6.0, d_max=6.0))
+    window = learner.window
+    assert window.capacity == math.ceil(9 * learner.metabolism.base**6.0) + 512
+    assert window.max_observations == 8 + 512
+    learner.learn(random_bytes(5000, seed=3, alphabet=20))
+    assert learner.updates >= 5000 // 512
+
+
+def test_windowed_learning_matches_naive_forward(kernel):
     """Every byte's loss, over many windows, equals the textbook model's with the weights of that moment."""
-    learner = windowed(4.0, batch=6)
+    learner = windowed(4.0, kernel=kernel, batch=6)
     cfg, alpha = learner.cfg, decays(learner.cfg)
     data = random_bytes(3000, seed=3, alphabet=10)
     traces = torch.zeros(V, cfg.n_bands, dtype=torch.float64)
@@ -141,9 +184,9 @@ def test_windowed_learning_matches_naive_forward():
     torch.testing.assert_close(learner.traces, closed_form_traces(data, alpha), rtol=1e-10, atol=1e-13)
 
 
-def test_window_bytes_bounds_how_long_learning_waits():
-    late = windowed(6.0, batch=8, window_bytes=10**6)
-    soon = windowed(6.0, batch=8, window_bytes=32)
+def test_window_bytes_bounds_how_long_learning_waits(kernel):
+    late = windowed(6.0, kernel=kernel, batch=8, window_bytes=10**6)
+    soon = windowed(6.0, kernel=kernel, batch=8, window_bytes=32)
     data = random_bytes(960, seed=4, alphabet=8)
     for i in range(0, len(data), 16):  # one chunk per call
         late.learn(data[i : i + 16])
@@ -153,8 +196,8 @@ def test_window_bytes_bounds_how_long_learning_waits():
     assert soon.updates > 3 * late.updates  # 8 observations take ~140 bytes at stride 18
 
 
-def test_window_closes_when_eta_scale_changes():
-    learner = windowed(6.0, window_bytes=10**6)  # observations at bytes 18, 36, 54, ...
+def test_window_closes_when_eta_scale_changes(kernel):
+    learner = windowed(6.0, kernel=kernel, window_bytes=10**6)  # observations at bytes 18, 36, 54, ...
     learner.learn(random_bytes(32, seed=5, alphabet=8))
     assert learner.window.open and learner.updates == 0
     learner.eta_scale = 0.5
@@ -164,15 +207,15 @@ def test_window_closes_when_eta_scale_changes():
 
 
 def test_window_closes_when_its_slots_are_full():
-    learner = windowed(6.0, window_bytes=10**6)  # 16 slots
+    learner = windowed(6.0, window_bytes=10**6)  # torch path: 16 slots
     learner.learn(bytes([1, 2, 3, 4] * 8))
     assert learner.window.open and learner.window.used == 4
     learner.learn(bytes(range(100, 116)))  # 16 new values: no room
     assert learner.updates == 1 and learner.window.used == 16
 
 
-def test_score_and_state_dict_apply_pending_observations():
-    learner = windowed(6.0)
+def test_score_and_state_dict_apply_pending_observations(kernel):
+    learner = windowed(6.0, kernel=kernel)
     learner.learn(random_bytes(48, seed=7, alphabet=8))
     assert learner.window.open and learner.window.observations > 0
     twin = copy.deepcopy(learner)
@@ -181,7 +224,7 @@ def test_score_and_state_dict_apply_pending_observations():
     twin.score(b"x")
     assert not twin.window.open and twin.updates == 1
     torch.testing.assert_close(twin.params.ucat, learner.params.ucat, rtol=0, atol=0)
-    resumed = windowed(6.0)
+    resumed = windowed(6.0, kernel=kernel)
     resumed.load_state_dict(state)
     tail = random_bytes(200, seed=8, alphabet=8)
     assert torch.equal(resumed.learn(tail), learner.learn(tail))

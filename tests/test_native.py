@@ -130,6 +130,36 @@ def test_bad_arguments_are_refused_not_read_out_of_bounds(recurrence):
     assert recurrence.preactivations(torch.tensor([], dtype=torch.long), params.ucat, alpha, carry, True).shape == (0, cfg.out_dim)
 
 
+def test_bad_window_updates_are_refused_and_write_nothing(recurrence):
+    cfg = SomaConfig(n_bands=4, hidden_dim=8, direct_readout=False)
+    params, alpha = random_params(cfg), decays(cfg)
+    carry = torch.zeros(4, cfg.out_dim)
+    coef = torch.full((4,), -0.1)
+
+    def update(rows, window, positions, dzc=None):
+        rows, positions = torch.tensor(rows), torch.tensor(positions, dtype=torch.long)
+        t_ref = torch.rand(rows.numel(), 4, dtype=torch.float64)
+        dzc = torch.randn(positions.numel(), cfg.out_dim) if dzc is None else dzc
+        window = torch.tensor(window, dtype=torch.uint8)
+        return recurrence.window_update(rows, t_ref, t_ref.float(), window, positions, dzc, alpha, coef, params.ucat, carry, True, True)
+
+    before = params.ucat.clone()
+    for rows, window, positions in (
+        ([1, 2], [1, 3], [1]),  # a window byte (3) among no row
+        ([1, 1], [1], [0]),  # rows not distinct
+        ([1, 256], [1], [0]),  # a row out of range
+        ([1, 2], [1, 2, 1], [2, 1]),  # positions not increasing
+        ([1, 2], [1, 2], [2]),  # a position past the window
+    ):
+        with pytest.raises(ValueError, match="soma_window_update: bad arguments"):
+            update(rows, window, positions)
+    with pytest.raises(ValueError, match="dzc must be contiguous torch.float32"):
+        update([1, 2], [1, 2], [0, 1], dzc=torch.randn(cfg.out_dim, 2).t())
+    assert torch.equal(params.ucat, before) and not carry.any()
+    power = update([1, 2], [1, 2, 1], [0, 2])
+    assert power.shape == (4,) and bool((power > 0).all()) and not torch.equal(params.ucat, before)
+
+
 # --------------------------------------------------------------------------- building and finding
 
 
