@@ -56,11 +56,14 @@ from .model import (
 
 
 KERNELS = ("auto", "native", "torch")
-# Bytes per chunk on the native kernel when scoring, and at most when learning. Its cost per
-# byte does not grow with the chunk (the torch path's lag modes do, and its kernels take
-# O(K n^2) memory, hence max_chunk), so longer chunks only spread the ~30 tensor operations
-# per chunk: small on the NAB csv scored 301 / 374 / 466 KB per CPU-second at 128 / 256 / 512 bytes.
-NATIVE_CHUNK = 512
+# Bytes per chunk when scoring with the native kernel. Its cost per byte does not grow with the
+# chunk (the torch path's lag modes do, and its kernels take O(K n^2) memory, hence max_chunk),
+# so longer chunks only spread the fixed cost of a call: small on the NAB csv scored 460 / 545
+# / 600 / 590 KB per CPU-second at 256 / 512 / 1024 / 2048 bytes (one run, the same machine).
+NATIVE_SCORE_CHUNK = 1024
+# The most bytes a native learning chunk holds (one runs to the window's update at window_bytes,
+# see _learn_chunk_length); window buffers hold a chunk more than the longest window.
+NATIVE_LEARN_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,11 @@ class GradientWindow:
     def open(self) -> bool:
         return self.start is not None
 
+    @property
+    def span(self) -> int:
+        """Bytes since its first observation's chunk (what window_bytes bounds)."""
+        return self.bytes
+
     def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
         self.start, self.d, self.eta_scale = traces, d, eta_scale
 
@@ -212,46 +220,38 @@ class GradientWindow:
 
 class ObservationWindow:
     """Observations not yet learned from, on the native kernel: the bytes read since the window
-    opened, which of them were observations, and the loss gradients there (dZ_t, and h_t, g_t
-    for W and b). ``Recurrence.window_update`` derives the rest in one call at the update: the
-    window's own traces at each observation (from its bytes), the gradients in trace space, the
-    step on every seen row. So a chunk only stores o gradient rows, where ``GradientWindow``
-    also stores (o, slots, K) features built with ChunkKernels. Buffers have a fixed size:
-    ``capacity`` bytes and ``max_observations`` observations (a window is applied before a
-    chunk it has no room for).
+    opened, which of them were observations, and what the forward pass gave there (h_t and the
+    logits). ``Recurrence.window_update`` derives everything else in one call at the update:
+    the output gradients, the window's own traces at each observation (from its bytes), the
+    gradients in trace space, the step on every seen row and on W and b. So a chunk only stores
+    o rows, where ``GradientWindow`` also stores gradients and (o, slots, K) features built with
+    ChunkKernels. Buffers have a fixed size: ``capacity`` bytes and ``max_observations``
+    observations (a window is applied before a chunk it has no room for).
     """
 
     def __init__(self, cfg: SomaConfig, capacity: int, max_observations: int):
-        hdim = cfg.hidden_dim
         self.capacity = capacity
         self.max_observations = max_observations
         self.data = torch.zeros(capacity, dtype=torch.uint8)  # the bytes since it opened
         self.positions = torch.zeros(max_observations, dtype=torch.long)  # per observation: its byte in data
-        self.hdim = hdim
-        self.dzc = torch.zeros(max_observations, cfg.out_dim)  # per observation: dZ_t = [dz_t | g_t] (dz_t without a direct readout)
-        self._g = None if cfg.direct_readout else torch.zeros(max_observations, V)  # per observation: g_t, where dZ_t does not hold it
-        self.hidden = torch.zeros(max_observations, hdim)  # per observation: h_t
+        self.hidden = torch.zeros(max_observations, cfg.hidden_dim)  # per observation: h_t
+        self.logits = torch.zeros(max_observations, V)  # per observation: the logits that predicted its byte
         self.start: torch.Tensor | None = None  # trace bank when the window opened (None: closed)
         self.d = 0.0  # decimation band of its observations
         self.eta_scale = 1.0  # learning-rate scale of its observations
         self.bytes = 0  # bytes since it opened
+        self.lead = 0  # of those, the bytes before the piece of its first observation
         self.observations = 0  # observations stored so far
 
     @property
     def open(self) -> bool:
         return self.start is not None
 
-    # dz and g are views of dzc made on demand: a view kept as an attribute would become a
-    # copy of its own when the learner is pickled, and stop seeing writes.
     @property
-    def dz(self) -> torch.Tensor:
-        """(capacity, H) per observation: dz_t."""
-        return self.dzc[:, : self.hdim]
-
-    @property
-    def g(self) -> torch.Tensor:
-        """(capacity, 256) per observation: g_t, the loss gradient at the logits."""
-        return self.dzc[:, self.hdim :] if self._g is None else self._g
+    def span(self) -> int:
+        """Bytes since the piece of its first observation (what window_bytes bounds): a window
+        opens with its chunk, but the torch path's would open with that piece, its own chunk."""
+        return self.bytes - self.lead
 
     def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
         self.start, self.d, self.eta_scale = traces, d, eta_scale
@@ -260,9 +260,9 @@ class ObservationWindow:
         """Whether a chunk of n more bytes with o observations fits."""
         return self.bytes + n <= self.capacity and self.observations + o <= self.max_observations
 
-    def add_chunk(self, cfg: SomaConfig, params: SomaParams, chunk: torch.Tensor, positions: torch.Tensor, h: torch.Tensor, logp: torch.Tensor) -> None:
+    def add_chunk(self, chunk: torch.Tensor, positions: torch.Tensor, h: torch.Tensor, logits: torch.Tensor) -> None:
         """Store a chunk (n,): its bytes, and for its observations at ``positions`` (o,) their
-        hidden activations ``h`` and log-probabilities ``logp`` (o, ...)."""
+        hidden activations ``h`` and ``logits`` (o, ...)."""
         n, o = chunk.numel(), positions.numel()
         if not self.has_room(n, o):
             raise ValueError(f"a window of {self.capacity} bytes, {self.max_observations} observations has no room for {n} bytes, {o} observations more after {self.bytes}, {self.observations}")
@@ -270,20 +270,13 @@ class ObservationWindow:
             rows = slice(self.observations, self.observations + o)
             torch.add(positions, self.bytes, out=self.positions[rows])
             self.hidden[rows] = h
-            targets = chunk if o == n else chunk.index_select(0, positions)
-            output_gradient(cfg, params, h, logp, targets, self.dz[rows], self.g[rows])
+            self.logits[rows] = logits
         self.data[self.bytes : self.bytes + n] = chunk
         self.bytes += n
         self.observations += o
 
-    def readout_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(grad W (H, 256), grad b (256,)) of the stored observations."""
-        o = self.observations
-        g = self.g[:o]
-        return self.hidden[:o].t() @ g, g.sum(0)
-
     def reset(self) -> None:
-        self.start, self.bytes, self.observations = None, 0, 0
+        self.start, self.bytes, self.lead, self.observations = None, 0, 0, 0
 
 
 class SomaLearner:
@@ -314,7 +307,8 @@ class SomaLearner:
         self._gamma = band_confidence(cfg.base, cfg.n_bands, 0.0)  # gamma_obs at _gamma_d
         self._gamma_d = 0.0
         self._recurrence = self._load_kernel(self.lcfg.kernel)
-        self._score_chunk = self.lcfg.max_chunk if self._recurrence is None else max(self.lcfg.max_chunk, NATIVE_CHUNK)
+        self._work = native.Workspace()  # the compiled kernel's scratch memory
+        self._score_chunk = self.lcfg.max_chunk if self._recurrence is None else max(self.lcfg.max_chunk, NATIVE_SCORE_CHUNK)
         self.window = self._new_window()  # observations not yet applied
 
     @staticmethod
@@ -331,15 +325,15 @@ class SomaLearner:
     def _new_window(self) -> GradientWindow | ObservationWindow:
         """The window for this forward path, its buffers sized for the longest window there can
         be. Native: a window is applied once it holds ``batch`` observations (fewer than
-        (batch + 1) r^d_max bytes) or spans window_bytes, and a chunk adds at most NATIVE_CHUNK
-        bytes (``_learn_chunk_length``), so it holds at most batch - 1 + NATIVE_CHUNK
+        (batch + 1) r^d_max bytes) or spans window_bytes, and a chunk adds at most NATIVE_LEARN_CHUNK
+        bytes (``_learn_chunk_length``), so it holds at most batch - 1 + NATIVE_LEARN_CHUNK
         observations."""
         lc = self.lcfg
         if self._recurrence is None:
             return GradientWindow(self.cfg, min(V, lc.max_chunk), lc.batch + lc.max_chunk)
-        chunk = max(lc.max_chunk, NATIVE_CHUNK)
+        chunk = max(lc.max_chunk, NATIVE_LEARN_CHUNK)
         longest = min(lc.window_bytes, math.ceil((lc.batch + 1) * self.metabolism.base**lc.metabolism.d_max))
-        return ObservationWindow(self.cfg, longest + chunk, lc.batch + chunk)
+        return ObservationWindow(self.cfg, longest + 2 * chunk, lc.batch + chunk)  # + leading bytes without observations
 
     @property
     def kernel(self) -> str:
@@ -348,7 +342,7 @@ class SomaLearner:
 
     @property
     def score_chunk(self) -> int:
-        """Bytes per chunk when only scoring: max_chunk, or NATIVE_CHUNK on the native kernel."""
+        """Bytes per chunk when only scoring: max_chunk, or NATIVE_SCORE_CHUNK on the native kernel."""
         return self._score_chunk
 
     # ------------------------------------------------------------------ public API
@@ -487,10 +481,10 @@ class SomaLearner:
         """Bytes of the next learning chunk: about ``batch`` observations, at most max_chunk. On
         the native kernel, where a chunk holds fewer than ``batch`` observations (the window
         spans chunks), the chunk runs to the window's update at window_bytes instead, at most
-        NATIVE_CHUNK bytes: the same weights score the same bytes in fewer calls (the kernel
+        NATIVE_LEARN_CHUNK bytes: the same weights score the same bytes in fewer calls (the kernel
         has no ChunkKernels, so no max_chunk)."""
         if self._recurrence is not None and not self._chunk_holds_batch():
-            return max(1, min(NATIVE_CHUNK, self.lcfg.window_bytes - self.window.bytes))
+            return max(1, min(NATIVE_LEARN_CHUNK, self.lcfg.window_bytes - self.window.span))
         return self.metabolism.bytes_per_observation_batch(self.lcfg.batch, self.lcfg.max_chunk)
 
     def _step(self, chunk: torch.Tensor, learn: bool, entropy_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -541,9 +535,10 @@ class SomaLearner:
         return bits
 
     def _step_native(self, chunk: torch.Tensor, learn: bool, entropy_out: torch.Tensor | None) -> torch.Tensor:
-        """``_step`` on the compiled kernel: one call scores the chunk and gives the trace bank's
-        and P's moves past it; the window keeps the chunk's bytes and output gradients, and its
-        update is one more call (``ObservationWindow``). When learning, the metabolism judges
+        """``_step`` on the compiled kernel: one call scores the chunk (through to each byte's
+        loss) and gives the trace bank's and P's moves past it; the window keeps the chunk's
+        bytes, and h and the logits at its observations, and its update is one more call
+        (``ObservationWindow``). When learning, the metabolism judges
         the chunk in pieces of max_chunk bytes, as it judges the torch path's chunks, so a
         long chunk does not make it slower to react; if a piece moves d while the window holds
         observations, the chunk ends there (the rest, scored with weights about to change, is
@@ -554,17 +549,15 @@ class SomaLearner:
         if learn:
             self._close_window_if_changed(lambda window: window.has_room(n, n))
         carry_in = self.carry.contiguous()
-        bandpass = self.cfg.features == "bandpass"
-        step = self._recurrence.run_chunk(chunk, self.params.ucat, self.alpha, carry_in, bandpass)
-        h, logits = readout(self.cfg, self.params, step.zc)
-        logp, bits = self._losses(logits, chunk, entropy_out)
+        step = self._run_native(chunk, carry_in, entropy_out)
+        bits = step.bits
         if not learn:
             self._move_past(step)
             self._account(bits, 0, 0.0)
             return bits
-        taken = self._observe_pieces(chunk, h, logp, bits, t0)
+        taken = self._observe_pieces(chunk, step.zc[:, : self.cfg.hidden_dim], step.logits, bits, t0)
         if taken < n:  # the state where the chunk ends now (rare: d moved mid-chunk)
-            step = self._recurrence.run_chunk(chunk[:taken], self.params.ucat, self.alpha, carry_in, bandpass)
+            step = self._run_native(chunk[:taken], carry_in)  # (seen may keep values of the dropped bytes: harmless, their traces are zero)
             bits = bits[:taken]
         self._move_past(step)
         window = self.window
@@ -574,7 +567,7 @@ class SomaLearner:
             self._apply_window()
         return bits
 
-    def _observe_pieces(self, chunk: torch.Tensor, h: torch.Tensor, logp: torch.Tensor, bits: torch.Tensor, t0: float) -> int:
+    def _observe_pieces(self, chunk: torch.Tensor, h: torch.Tensor, logits: torch.Tensor, bits: torch.Tensor, t0: float) -> int:
         """Add a scored chunk's observations to the window, found piece by piece (max_chunk
         bytes): each piece's at the metabolism's stride, then the metabolism's verdict on the
         piece. Stops after a piece that moved d while the window holds observations made at
@@ -592,22 +585,32 @@ class SomaLearner:
             if positions.numel():
                 found.append(positions + a if a else positions)
                 held += positions.numel()
+            else:
+                window.lead = window.bytes + b if held == 0 else window.lead
             self._account(bits[a:b], positions.numel(), (time.perf_counter() - t0) * (b - a) / n)
-            if b < n and held and (metabolism.d != window.d or self._due(held, window.bytes + b)):
+            if b < n and held and (metabolism.d != window.d or self._due(held, window.bytes + b - window.lead)):
                 taken = b
                 break
         positions = torch.cat(found) if len(found) > 1 else found[0] if found else torch.zeros(0, dtype=torch.long)
         if positions.numel() == taken:  # every byte observed (d = 0)
-            window.add_chunk(self.cfg, self.params, chunk[:taken], positions, h[:taken], logp[:taken])
+            window.add_chunk(chunk[:taken], positions, h[:taken], logits[:taken])
         else:
-            window.add_chunk(self.cfg, self.params, chunk[:taken], positions, h.index_select(0, positions), logp.index_select(0, positions))
+            window.add_chunk(chunk[:taken], positions, h.index_select(0, positions), logits.index_select(0, positions))
         return taken
+
+    def _run_native(self, chunk: torch.Tensor, carry: torch.Tensor, entropy_out: torch.Tensor | None = None) -> native.ChunkPass:
+        """The compiled forward pass of a chunk from the carried state ``carry``: h, logits and
+        each byte's loss (its entropy into ``entropy_out`` if given), the trace bank and P after
+        it (``seen`` is marked for its byte values). Raises NumericalFault on a non-finite loss."""
+        cfg, params = self.cfg, self.params
+        step = self._recurrence.run_chunk(chunk, params.ucat, self.alpha, carry, cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out)
+        if not step.finite:
+            raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
+        return step
 
     def _move_past(self, step: native.ChunkPass) -> None:
         """Move the trace bank and the carried state past a chunk the compiled kernel ran."""
-        self.traces = self.traces * step.decay  # a new tensor: the window may hold the old one
-        self.traces.index_add_(0, step.values, step.increment)
-        self.seen[step.values] = True
+        self.traces = step.traces  # a new tensor: the window may hold the old one
         self._next_carry(step.carry)
 
     def _observation_positions(self, n: int) -> torch.Tensor:
@@ -618,7 +621,7 @@ class SomaLearner:
 
     def _window_due(self, update_every_chunk: bool) -> bool:
         """Whether the open window is to be applied after this chunk."""
-        return update_every_chunk or self._due(self.window.observations, self.window.bytes)
+        return update_every_chunk or self._due(self.window.observations, self.window.span)
 
     def _due(self, observations: int, nbytes: int) -> bool:
         """Whether a window of ``observations`` over ``nbytes`` bytes is to be applied."""
@@ -715,19 +718,19 @@ class SomaLearner:
         coef64 = self._band_coef(window.d) * (-eta if eta != 0 else 1.0)  # (K,) per-band step; eta 0 only measures
         t_ref = window.start.index_select(0, seen_idx)  # (s, K) float64
         bound = self.lcfg.weight_bound
-        if self._recurrence is not None:  # one call in C from the window's bytes and gradients
-            o = window.observations
+        if self._recurrence is not None:  # one call in C from the window's bytes, h and logits
+            o, params = window.observations, self.params
             t_now = self.traces.index_select(0, seen_idx).to(torch.float32)
             self.carry = self.carry.contiguous()  # written in place
-            self._power = self._recurrence.window_update(seen_idx, t_ref, t_now, window.data[: window.bytes], window.positions[:o], window.dzc[:o], self.alpha, coef64.to(torch.float32), self.params.ucat, self.carry, cfg.features == "bandpass", eta != 0)
-            grad_w, grad_b = window.readout_gradients()
+            self._power = self._recurrence.window_update(seen_idx, t_ref, t_now, window.data[: window.bytes], window.positions[:o], window.hidden[:o], window.logits[:o], self.alpha, coef64.to(torch.float32), eta, params.ucat, params.w, params.b, self.carry, cfg.features == "bandpass", cfg.activation, eta != 0, self._work)
         else:
             carry_grad, own, grad_w, grad_b = window.gradients(cfg.hidden_dim)
             self._power = self._apply_rows(seen_idx, t_ref, carry_grad, own, window.values[: window.used], coef64, eta != 0)
+            if eta != 0:
+                self.params.w.add_(grad_w, alpha=-eta)
+                self.params.b.add_(grad_b, alpha=-eta)
         self._power_obs = window.observations
         if eta != 0:
-            self.params.w.add_(grad_w, alpha=-eta)
-            self.params.b.add_(grad_b, alpha=-eta)
             self.updates += 1
             if bound > 0:
                 ucat = self.params.ucat.view(V, -1)

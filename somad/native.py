@@ -47,10 +47,11 @@ if TYPE_CHECKING:  # torch is imported when a chunk is run: building needs only 
     import torch
 
 SOURCE = Path(__file__).with_name("recurrence.c")
-ABI_VERSION = 6  # soma_abi_version() of a library this module can call
+ABI_VERSION = 8  # soma_abi_version() of a library this module can call
 # -ffp-contract=fast: a * p + u as one fused multiply-add (ISO C modes leave it off)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")
 PORTABLE_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # when the compiler knows no -march=native
+LIBS = ("-lm",)  # after the source: logf
 BUILD_TIMEOUT_S = 120.0
 
 log = logging.getLogger("somad.native")
@@ -62,13 +63,50 @@ class KernelUnavailable(RuntimeError):
 
 @dataclass
 class ChunkPass:
-    """What one call computes for a chunk of n bytes with m distinct values (recurrence.c)."""
+    """What one call computes for a chunk of n bytes (recurrence.c, soma_chunk_forward)."""
 
-    zc: torch.Tensor  # (n, C) float32: pre-activations predicting each byte
+    zc: torch.Tensor  # (n, C) float32: [hidden activations h | direct logits] predicting each byte
+    logits: torch.Tensor  # (n, 256) float32
+    bits: torch.Tensor  # (n,) float32: each byte's loss in bits
+    entropy: torch.Tensor | None  # (n,) float32: each prediction's entropy in bits, if asked for
     carry: torch.Tensor  # (K, C) float32: the carried state P after the chunk
-    values: torch.Tensor  # (m,) int64: the distinct byte values, in order of first appearance
-    increment: torch.Tensor  # (m, K) float64: what the chunk adds to their traces
-    decay: torch.Tensor  # (K,) float64: alpha^n, the traces' decay over the chunk
+    traces: torch.Tensor  # (256, K) float64: the trace bank after the chunk
+    finite: bool  # every loss finite
+
+
+ACTIVATIONS = {"tanh": 1, "relu": 2}  # soma_chunk_forward's codes (0: none, the pre-activations)
+NEED_WORKSPACE = -3  # what the C functions return when the workspace is too small
+NOT_FINITE = -4  # soma_chunk_forward: a loss is NaN or infinite (every output written)
+
+
+class Workspace:
+    """Scratch memory for the C functions, owned by the caller (one per learner): the library
+    allocates nothing, so a call never pays for fresh pages (large mallocs are new mappings,
+    zeroed by the kernel at every call: a third of an update's time), and the memory is
+    freed with its owner. Grows to the largest call it has served, then stays."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.tensor = torch.empty(0)  # float32; torch allocations are 64-byte aligned
+
+    def call(self, fn, *args) -> int:
+        """fn(*args, work, &work_len), growing the workspace and calling again on NEED_WORKSPACE."""
+        import torch
+
+        length = ctypes.c_int64(self.tensor.numel())
+        rc = fn(*args, self.tensor.data_ptr(), ctypes.byref(length))
+        if rc == NEED_WORKSPACE:
+            self.tensor = torch.empty(length.value)
+            length = ctypes.c_int64(self.tensor.numel())
+            rc = fn(*args, self.tensor.data_ptr(), ctypes.byref(length))
+        return rc
+
+    def __deepcopy__(self, memo: dict) -> Workspace:  # scratch: a copy starts empty
+        return Workspace()
+
+    def __reduce__(self):
+        return Workspace, ()
 
 
 class Recurrence:
@@ -78,13 +116,13 @@ class Recurrence:
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
-        fn = lib.soma_chunk_preactivations
+        fn = lib.soma_chunk_forward
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9
+        fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 16
         self._fn = fn
         update = lib.soma_window_update
         update.restype = ctypes.c_int
-        update.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
+        update.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 7
         self._update = update
 
     def __deepcopy__(self, memo: dict) -> Recurrence:  # stateless: copies of a learner share it
@@ -93,7 +131,7 @@ class Recurrence:
     def __reduce__(self):  # a pickled learner loads the library again in its process
         return load, (self.path,)
 
-    def preactivations(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool, carry_out: torch.Tensor | None = None) -> torch.Tensor:
+    def preactivations(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool, carry_out: torch.Tensor | None = None, work: Workspace | None = None) -> torch.Tensor:
         """zc (n, C) float32: the pre-activations predicting each byte of ``chunk`` (n,) int64
         from the carried state ``carry`` (K, C) float32 entering it, weights ``ucat`` (256*K, C)
         float32, decays ``alpha`` (K,) float64. Equal to ``model.forward_modes``'s (before the
@@ -106,48 +144,59 @@ class Recurrence:
             _require("carry_out", carry_out, torch.float32, tuple(carry.shape))
         zc = torch.empty(chunk.numel(), carry.shape[1])
         if chunk.numel():
-            self._call(chunk, ucat, alpha, carry, bandpass, zc, carry_out)
+            self._call(work or Workspace(), chunk, ucat, alpha, carry, bandpass, zc, carry_out=carry_out)
             if carry_out is not None:
                 _mark_written(carry_out)
         return zc
 
-    def run_chunk(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool) -> ChunkPass:
-        """``preactivations`` of a chunk (n >= 1), with everything needed to move the trace bank
-        and the carried state past it."""
+    def run_chunk(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool, hidden: int, activation: str, w: torch.Tensor, b: torch.Tensor, traces: torch.Tensor, seen: torch.Tensor, work: Workspace, entropy: torch.Tensor | None = None) -> ChunkPass:
+        """The forward pass of a chunk (n >= 1) through to each byte's loss, and the trace bank
+        and carried state past it. ``hidden`` H, ``activation`` ("tanh" or "relu"); ``w`` (H,
+        256) and ``b`` (256,) the readout; ``traces`` (256, K) float64 the trace bank before the
+        chunk (not changed: the pass returns a new one); ``seen`` (256,) bool is set for the
+        chunk's byte values; ``work`` the caller's scratch memory; ``entropy`` (n,) float32, if
+        given, receives each prediction's entropy in bits."""
         import torch
 
         self._check(chunk, ucat, alpha, carry)
         (k, c), n = carry.shape, chunk.numel()
-        out = ChunkPass(torch.empty(n, c), torch.empty(k, c), torch.empty(256, dtype=torch.int64), torch.empty(256, k, dtype=torch.float64), torch.empty(k, dtype=torch.float64))
-        m = self._call(chunk, ucat, alpha, carry, bandpass, out.zc, out.carry, out.values, out.increment, out.decay)
-        out.values, out.increment = out.values[:m], out.increment[:m]
+        for name, tensor, dtype, shape in (("w", w, torch.float32, (hidden, 256)), ("b", b, torch.float32, (256,)), ("traces", traces, torch.float64, (256, k)), ("seen", seen, torch.bool, (256,))):
+            _require(name, tensor, dtype, shape)
+        if entropy is not None:
+            _require("entropy", entropy, torch.float32, (n,))
+        out = ChunkPass(torch.empty(n, c), torch.empty(n, 256), torch.empty(n), entropy, torch.empty(k, c), torch.empty(256, k, dtype=torch.float64), True)
+        rc = self._call(work, chunk, ucat, alpha, carry, bandpass, out.zc, hidden, ACTIVATIONS[activation], w, b, out.logits, out.bits, entropy, out.carry, traces, out.traces, seen)
+        out.finite = rc != NOT_FINITE
         return out
 
-    def window_update(self, rows: torch.Tensor, t_ref: torch.Tensor, t_now: torch.Tensor, window: torch.Tensor, positions: torch.Tensor, dzc: torch.Tensor, alpha: torch.Tensor, coef: torch.Tensor, ucat: torch.Tensor, carry: torch.Tensor, bandpass: bool, apply: bool) -> torch.Tensor:
-        """One SGD step from a window of observations on the seen rows of ``ucat`` and on
-        ``carry`` in place (``soma_window_update`` in recurrence.c has the arithmetic). Returns
-        the gradient power per band (K,) float64.
+    def window_update(self, rows: torch.Tensor, t_ref: torch.Tensor, t_now: torch.Tensor, window: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor, coef: torch.Tensor, eta: float, ucat: torch.Tensor, w: torch.Tensor, b: torch.Tensor, carry: torch.Tensor, bandpass: bool, activation: str, apply: bool, work: Workspace | None = None) -> torch.Tensor:
+        """One SGD step from a window of observations on the seen rows of ``ucat``, on ``w``,
+        ``b`` and ``carry``, in place (``soma_window_update`` in recurrence.c has the
+        arithmetic). Returns the gradient power per band (K,) float64.
 
         rows (s,) int64: the seen byte values (distinct; every byte of the window among them);
         t_ref (s, K) float64 and t_now (s, K) float32: their traces when the window opened and
         now; window (L,) uint8: the bytes read since it opened; positions (o,) int64: its
-        observations (increasing, < L); dzc (o, C) float32: the loss gradient at the
-        pre-activations of each; alpha (K,) float64; coef (K,) float32: the step per band;
-        ``apply`` False only measures the power."""
+        observations (increasing, < L); hidden (o, H) and logits (o, 256) float32: what the
+        forward pass gave at each; alpha (K,) float64; coef (K,) float32: the step per band
+        (-eta gamma_obs; nonzero); eta: the readout's step; ``apply`` False only measures the
+        power; ``work`` the caller's scratch memory."""
         import torch
 
         k, c = carry.shape
+        hdim = w.shape[0]
         s, n, o = rows.numel(), window.numel(), positions.numel()
-        expected = (("rows", rows, torch.int64, (s,)), ("t_ref", t_ref, torch.float64, (s, k)), ("t_now", t_now, torch.float32, (s, k)), ("window", window, torch.uint8, (n,)), ("positions", positions, torch.int64, (o,)), ("dzc", dzc, torch.float32, (o, c)), ("alpha", alpha, torch.float64, (k,)), ("coef", coef, torch.float32, (k,)), ("ucat", ucat, torch.float32, (256 * k, c)), ("carry", carry, torch.float32, (k, c)))
+        expected = (("rows", rows, torch.int64, (s,)), ("t_ref", t_ref, torch.float64, (s, k)), ("t_now", t_now, torch.float32, (s, k)), ("window", window, torch.uint8, (n,)), ("positions", positions, torch.int64, (o,)), ("hidden", hidden, torch.float32, (o, hdim)), ("logits", logits, torch.float32, (o, 256)), ("alpha", alpha, torch.float64, (k,)), ("coef", coef, torch.float32, (k,)), ("ucat", ucat, torch.float32, (256 * k, c)), ("w", w, torch.float32, (hdim, 256)), ("b", b, torch.float32, (256,)), ("carry", carry, torch.float32, (k, c)))
         for name, tensor, dtype, shape in expected:
             _require(name, tensor, dtype, shape)
         power = torch.empty(k, dtype=torch.float64)
-        rc = self._update(s, k, c, int(bandpass), int(apply), rows.data_ptr(), t_ref.data_ptr(), t_now.data_ptr(), n, window.data_ptr(), o, *(t.data_ptr() for t in (positions, dzc, alpha, coef, ucat, carry, power)))
+        pointers = (t.data_ptr() for t in (rows, t_ref, t_now))
+        rc = (work or Workspace()).call(self._update, s, k, c, hdim, int(bandpass), ACTIVATIONS[activation], int(apply), *pointers, n, window.data_ptr(), o, positions.data_ptr(), hidden.data_ptr(), logits.data_ptr(), alpha.data_ptr(), coef.data_ptr(), eta, *(t.data_ptr() for t in (ucat, w, b, carry, power)))
         if rc != 0:
-            why = "out of memory" if rc == -2 else f"bad arguments (s={s}, K={k}, C={c}, L={n}, o={o}: rows distinct in 0..255 and holding every window byte, positions increasing in 0..L-1)"
+            why = f"bad arguments (s={s}, K={k}, C={c}, H={hdim}, L={n}, o={o}: rows distinct in 0..255 and holding every window byte, positions increasing in 0..L-1, coef nonzero)"
             raise ValueError("soma_window_update: " + why)
         if apply:
-            _mark_written(ucat, carry)
+            _mark_written(ucat, w, b, carry)
         return power
 
     @staticmethod
@@ -160,14 +209,14 @@ class Recurrence:
         if ucat.shape != (256 * k, c) or alpha.shape != (k,) or chunk.dim() != 1:
             raise ValueError(f"shapes do not agree: chunk {tuple(chunk.shape)}, ucat {tuple(ucat.shape)}, alpha {tuple(alpha.shape)}, carry {tuple(carry.shape)}")
 
-    def _call(self, chunk, ucat, alpha, carry, bandpass, zc, *outputs) -> int:
-        """Run the C function; ``outputs``: carry_out, values_out, increment_out, decay_out
-        (missing or None: not wanted). Returns m."""
+    def _call(self, work, chunk, ucat, alpha, carry, bandpass, zc, hidden=None, act=0, w=None, b=None, logits=None, bits=None, entropy=None, carry_out=None, traces=None, traces_out=None, seen=None) -> int:
+        """Run soma_chunk_forward (arguments as ``run_chunk``; None: not wanted). Returns the
+        chunk's number of distinct byte values, or NOT_FINITE."""
         (k, c), n = carry.shape, chunk.numel()
-        pointers = [None if t is None else t.data_ptr() for t in outputs] + [None] * (4 - len(outputs))
-        m = self._fn(n, k, c, int(bandpass), chunk.data_ptr(), ucat.data_ptr(), alpha.data_ptr(), carry.data_ptr(), zc.data_ptr(), *pointers)
-        if m < 0:
-            raise ValueError("soma_chunk_preactivations: " + ("out of memory" if m == -2 else f"bad arguments (n={n}, K={k}, C={c}, bytes 0..255)"))
+        pointers = [None if t is None else t.data_ptr() for t in (w, b, zc, logits, bits, entropy, carry_out, traces, traces_out, seen)]
+        m = work.call(self._fn, n, k, c, c if hidden is None else hidden, int(bandpass), act, chunk.data_ptr(), ucat.data_ptr(), alpha.data_ptr(), carry.data_ptr(), *pointers)
+        if m < 0 and m != NOT_FINITE:
+            raise ValueError(f"soma_chunk_forward: bad arguments (n={n}, K={k}, C={c}, bytes 0..255)")
         return m
 
 
@@ -266,7 +315,7 @@ def build(directory: Path) -> Path:
         errors = []
         for flags in (FLAGS, PORTABLE_FLAGS):
             try:
-                done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+                done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired) as err:
                 raise KernelUnavailable(f"{cc}: {err}") from err
             if done.returncode == 0:

@@ -23,6 +23,7 @@ import torch
 from somad import cli
 from somad.checkpoint import build_payload, load_checkpoint, save_checkpoint
 from somad.commands.chat import continue_text
+from somad.commands.progress import Progress
 from somad.model import preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,23 @@ def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
                 break
             seen += chunk
     return seen
+
+
+def test_a_bar_shows_at_the_first_update_then_keeps_its_pace():
+    """A block may be learned faster than the bar's redraw interval, and a live stream may stall
+    after it: the bar must not wait for the next block. Log lines keep their pace from the start."""
+    times = iter([0.0, 0.01, 0.02, 0.2])
+    out = io.StringIO()
+    bar = Progress(out, None, "bar", clock=lambda: next(times))  # 8 redraws a second at most
+    bar.update(1024, 2048.0)  # at 0.01 s
+    assert "1.0 KiB" in out.getvalue()
+    bar.update(2048, 4096.0)  # at 0.02 s: too soon
+    assert "2.0 KiB" not in out.getvalue()
+    bar.update(3072, 6144.0)  # at 0.2 s
+    assert "3.0 KiB" in out.getvalue()
+    lines = io.StringIO()
+    Progress(lines, None, "lines", clock=iter([0.0, 1.0]).__next__).update(1024, 2048.0)
+    assert lines.getvalue() == ""
 
 
 def test_train_shows_progress_on_a_terminal_and_ctrl_c_saves(work):

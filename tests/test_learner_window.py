@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from somad.learner import LearnerConfig, SomaLearner
+from somad.learner import NATIVE_LEARN_CHUNK, LearnerConfig, SomaLearner
 from somad.metabolism import MetabolismConfig
 from somad.model import (
     V,
@@ -160,10 +160,10 @@ def test_native_window_buffers_are_sized_by_the_longest_window(recurrence):
     plus a chunk, not for window_bytes, and learning goes on within them."""
     learner = windowed(6.0, kernel="native", batch=8, window_bytes=10**6, metabolism=MetabolismConfig(mode="fixed", d=6.0, d_max=6.0))
     window = learner.window
-    assert window.capacity == math.ceil(9 * learner.metabolism.base**6.0) + 512
-    assert window.max_observations == 8 + 512
+    assert window.capacity == math.ceil(9 * learner.metabolism.base**6.0) + 2 * NATIVE_LEARN_CHUNK
+    assert window.max_observations == 8 + NATIVE_LEARN_CHUNK
     learner.learn(random_bytes(5000, seed=3, alphabet=20))
-    assert learner.updates >= 5000 // 512
+    assert learner.updates >= 5000 // NATIVE_LEARN_CHUNK
 
 
 def test_windowed_learning_matches_naive_forward(kernel):

@@ -136,14 +136,15 @@ def test_bad_window_updates_are_refused_and_write_nothing(recurrence):
     carry = torch.zeros(4, cfg.out_dim)
     coef = torch.full((4,), -0.1)
 
-    def update(rows, window, positions, dzc=None):
+    def update(rows, window, positions, hidden=None, coef=coef):
         rows, positions = torch.tensor(rows), torch.tensor(positions, dtype=torch.long)
         t_ref = torch.rand(rows.numel(), 4, dtype=torch.float64)
-        dzc = torch.randn(positions.numel(), cfg.out_dim) if dzc is None else dzc
+        hidden = torch.rand(positions.numel(), cfg.hidden_dim) if hidden is None else hidden
+        logits = torch.randn(positions.numel(), V)
         window = torch.tensor(window, dtype=torch.uint8)
-        return recurrence.window_update(rows, t_ref, t_ref.float(), window, positions, dzc, alpha, coef, params.ucat, carry, True, True)
+        return recurrence.window_update(rows, t_ref, t_ref.float(), window, positions, hidden, logits, alpha, coef, 0.1, params.ucat, params.w, params.b, carry, True, "tanh", True)
 
-    before = params.ucat.clone()
+    before = params.clone()
     for rows, window, positions in (
         ([1, 2], [1, 3], [1]),  # a window byte (3) among no row
         ([1, 1], [1], [0]),  # rows not distinct
@@ -153,11 +154,14 @@ def test_bad_window_updates_are_refused_and_write_nothing(recurrence):
     ):
         with pytest.raises(ValueError, match="soma_window_update: bad arguments"):
             update(rows, window, positions)
-    with pytest.raises(ValueError, match="dzc must be contiguous torch.float32"):
-        update([1, 2], [1, 2], [0, 1], dzc=torch.randn(cfg.out_dim, 2).t())
-    assert torch.equal(params.ucat, before) and not carry.any()
+    with pytest.raises(ValueError, match="soma_window_update: bad arguments"):
+        update([1, 2], [1, 2], [0, 1], coef=torch.tensor([-0.1, 0.0, -0.1, -0.1]))  # a band without a step
+    with pytest.raises(ValueError, match="hidden must be contiguous torch.float32"):
+        update([1, 2], [1, 2], [0, 1], hidden=torch.rand(cfg.hidden_dim, 2).t())
+    assert all(torch.equal(a, b) for a, b in ((params.ucat, before.ucat), (params.w, before.w), (params.b, before.b))) and not carry.any()
     power = update([1, 2], [1, 2, 1], [0, 2])
-    assert power.shape == (4,) and bool((power > 0).all()) and not torch.equal(params.ucat, before)
+    assert power.shape == (4,) and bool((power > 0).all())
+    assert not torch.equal(params.ucat, before.ucat) and not torch.equal(params.w, before.w) and not torch.equal(params.b, before.b)
 
 
 # --------------------------------------------------------------------------- building and finding
@@ -275,3 +279,27 @@ def test_writes_through_c_move_the_version_counters(recurrence):
     version = carry._version
     recurrence.preactivations(torch.tensor([1, 2]), learner.params.ucat, decays(cfg), carry.clone(), True, carry_out=carry)
     assert carry._version > version
+
+
+def test_a_chunk_cut_where_the_metabolism_moves_d_keeps_both_paths_in_step(recurrence, monkeypatch):
+    """Native learning chunks span several metabolism pieces (max_chunk bytes each); when a piece
+    moves d while the window holds observations, the chunk ends there and the rest is scored
+    again with the updated weights. The torch path judges the same pieces as chunks of its own:
+    both make the same updates at the same places."""
+    cfg = SomaConfig(n_bands=12, hidden_dim=32)
+    metabolism = MetabolismConfig(rise_bytes=256.0, progress_z=1e9)  # familiar input lifts d a band per 256 bytes
+    # (the surprise has a small alphabet: the torch path closes a window early when its 32 value slots overflow)
+    data = repetitive_bytes(6000, b"temp=21.5;hum=40\n") + random_bytes(700, seed=3, alphabet=12) + repetitive_bytes(3000, b"temp=21.5;hum=40\n")
+    taken = []
+    observe = SomaLearner._observe_pieces
+    monkeypatch.setattr(SomaLearner, "_observe_pieces", lambda self, chunk, *a: taken.append((observe(self, chunk, *a), chunk.numel())) or taken[-1][0])
+    runs = {}
+    for kernel in ("torch", "native"):
+        learner = SomaLearner(cfg, LearnerConfig(kernel=kernel, batch=8, max_chunk=32, window_bytes=96, metabolism=metabolism))
+        runs[kernel] = (learner.learn(data), learner)
+    (bits_t, torch_learner), (bits_n, native_learner) = runs["torch"], runs["native"]
+    assert any(got < n for got, n in taken), "no chunk was cut: the test does not reach the case"
+    assert any(n > 32 for _, n in taken), "no native chunk spanned several pieces"
+    assert torch_learner.updates == native_learner.updates > 0
+    assert torch_learner.metabolism.observations == native_learner.metabolism.observations
+    assert (bits_t - bits_n).abs().max().item() < 1e-3

@@ -29,7 +29,9 @@ class Progress:
         self.clock = clock
         self.interval = 1.0 / redraw_per_s if mode == "bar" else line_every_s
         self.start = clock()
-        self.last_shown = self.start
+        # a bar shows up at the first update (a live stream may stall right after it: the
+        # screen should not wait for the next block); lines keep their pace from the start
+        self.last_shown = float("-inf") if mode == "bar" else self.start
         self._drawn = 0  # characters of the bar on screen, to blank a shorter redraw
 
     @classmethod
