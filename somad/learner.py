@@ -262,15 +262,19 @@ class ObservationWindow:
 
     def add_chunk(self, chunk: torch.Tensor, positions: torch.Tensor, h: torch.Tensor, logits: torch.Tensor) -> None:
         """Store a chunk (n,): its bytes, and for its observations at ``positions`` (o,) their
-        hidden activations ``h`` and ``logits`` (o, ...)."""
+        hidden activations and logits, rows of ``h`` (n, H) and ``logits`` (n, 256)."""
         n, o = chunk.numel(), positions.numel()
         if not self.has_room(n, o):
             raise ValueError(f"a window of {self.capacity} bytes, {self.max_observations} observations has no room for {n} bytes, {o} observations more after {self.bytes}, {self.observations}")
         if o:
             rows = slice(self.observations, self.observations + o)
             torch.add(positions, self.bytes, out=self.positions[rows])
-            self.hidden[rows] = h
-            self.logits[rows] = logits
+            if o == n:  # every byte observed (d = 0)
+                self.hidden[rows] = h
+                self.logits[rows] = logits
+            else:
+                torch.index_select(h, 0, positions, out=self.hidden[rows])
+                torch.index_select(logits, 0, positions, out=self.logits[rows])
         self.data[self.bytes : self.bytes + n] = chunk
         self.bytes += n
         self.observations += o
@@ -304,8 +308,8 @@ class SomaLearner:
         self._projected_of = (self.params.ucat, 0, -1, 0)  # (tensor, address, version, span of chunk lengths) they come from
         self._power = torch.zeros(cfg.n_bands, dtype=torch.float64)  # gradient power of the last update ...
         self._power_obs = 0  # ... and its observations, until reported to the metabolism
-        self._gamma = band_confidence(cfg.base, cfg.n_bands, 0.0)  # gamma_obs at _gamma_d
-        self._gamma_d = 0.0
+        self._band_step_of: tuple | None = None  # (d, eta, dtype) of the last _band_step ...
+        self._band_step_value = torch.zeros(cfg.n_bands, dtype=torch.float64)  # ... and its value
         self._recurrence = self._load_kernel(self.lcfg.kernel)
         self._work = native.Workspace()  # the compiled kernel's scratch memory
         self._score_chunk = self.lcfg.max_chunk if self._recurrence is None else max(self.lcfg.max_chunk, NATIVE_SCORE_CHUNK)
@@ -581,21 +585,17 @@ class SomaLearner:
             b = min(n, a + piece)
             if held == 0:  # the window's d is that of its observations
                 window.d = metabolism.d
-            positions = self._observation_positions(b - a)
-            if positions.numel():
-                found.append(positions + a if a else positions)
-                held += positions.numel()
-            else:
-                window.lead = window.bytes + b if held == 0 else window.lead
-            self._account(bits[a:b], positions.numel(), (time.perf_counter() - t0) * (b - a) / n)
+            every = metabolism.stride == 1.0  # every byte an observation (the phase stays as it is)
+            positions = list(range(a, b)) if every else metabolism.observation_list(b - a, a)
+            found += positions
+            held += len(positions)
+            if held == 0:
+                window.lead = window.bytes + b
+            self._account(bits[a:b], len(positions), (time.perf_counter() - t0) * (b - a) / n)
             if b < n and held and (metabolism.d != window.d or self._due(held, window.bytes + b - window.lead)):
                 taken = b
                 break
-        positions = torch.cat(found) if len(found) > 1 else found[0] if found else torch.zeros(0, dtype=torch.long)
-        if positions.numel() == taken:  # every byte observed (d = 0)
-            window.add_chunk(chunk[:taken], positions, h[:taken], logits[:taken])
-        else:
-            window.add_chunk(chunk[:taken], positions, h.index_select(0, positions), logits.index_select(0, positions))
+        window.add_chunk(chunk[:taken], torch.tensor(found, dtype=torch.long), h[:taken], logits[:taken])
         return taken
 
     def _run_native(self, chunk: torch.Tensor, carry: torch.Tensor, entropy_out: torch.Tensor | None = None) -> native.ChunkPass:
@@ -613,12 +613,6 @@ class SomaLearner:
         self.traces = step.traces  # a new tensor: the window may hold the old one
         self._next_carry(step.carry)
 
-    def _observation_positions(self, n: int) -> torch.Tensor:
-        """Positions (o,) int64 of the next n bytes' observations (advances the metabolism's phase)."""
-        if self.metabolism.stride == 1.0:  # every byte an observation (the phase stays as it is)
-            return torch.arange(n)
-        return self.metabolism.observation_positions(n)
-
     def _window_due(self, update_every_chunk: bool) -> bool:
         """Whether the open window is to be applied after this chunk."""
         return update_every_chunk or self._due(self.window.observations, self.window.span)
@@ -633,7 +627,7 @@ class SomaLearner:
         self.bytes_seen += bits.numel()
         power = None
         if n_obs and self._power_obs:
-            power, self._power_obs = self._power * (n_obs / self._power_obs), 0
+            power, self._power_obs = self._power.numpy() * (n_obs / self._power_obs), 0
         self.metabolism.after_chunk(bits, n_obs, power, seconds)
 
     def _losses(self, logits: torch.Tensor, chunk: torch.Tensor, entropy_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -713,17 +707,18 @@ class SomaLearner:
         sum_v T[v, j] (M delta)[v, j] (``read_rows``), no recomputation from all the weights.
         """
         cfg, window = self.cfg, self.window
-        seen_idx = self.seen.nonzero().squeeze(1)  # (s,) includes the window's byte values
         eta = self.lcfg.eta * window.eta_scale
-        coef64 = self._band_coef(window.d) * (-eta if eta != 0 else 1.0)  # (K,) per-band step; eta 0 only measures
-        t_ref = window.start.index_select(0, seen_idx)  # (s, K) float64
         bound = self.lcfg.weight_bound
         if self._recurrence is not None:  # one call in C from the window's bytes, h and logits
             o, params = window.observations, self.params
-            t_now = self.traces.index_select(0, seen_idx).to(torch.float32)
             self.carry = self.carry.contiguous()  # written in place
-            self._power = self._recurrence.window_update(seen_idx, t_ref, t_now, window.data[: window.bytes], window.positions[:o], window.hidden[:o], window.logits[:o], self.alpha, coef64.to(torch.float32), eta, params.ucat, params.w, params.b, self.carry, cfg.features == "bandpass", cfg.activation, eta != 0, self._work)
+            coef = self._band_step(window.d, eta, torch.float32)
+            self._power = self._recurrence.window_update(self.seen, window.start, self.traces, window.data[: window.bytes], window.positions[:o], window.hidden[:o], window.logits[:o], self.alpha, coef, eta, params.ucat, params.w, params.b, self.carry, cfg.features == "bandpass", cfg.activation, eta != 0, self._work)
+            seen_idx = None
         else:
+            seen_idx = self.seen.nonzero().squeeze(1)  # (s,) includes the window's byte values
+            t_ref = window.start.index_select(0, seen_idx)  # (s, K) float64
+            coef64 = self._band_step(window.d, eta)
             carry_grad, own, grad_w, grad_b = window.gradients(cfg.hidden_dim)
             self._power = self._apply_rows(seen_idx, t_ref, carry_grad, own, window.values[: window.used], coef64, eta != 0)
             if eta != 0:
@@ -733,6 +728,7 @@ class SomaLearner:
         if eta != 0:
             self.updates += 1
             if bound > 0:
+                seen_idx = self.seen.nonzero().squeeze(1) if seen_idx is None else seen_idx
                 ucat = self.params.ucat.view(V, -1)
                 ucat.index_copy_(0, seen_idx, ucat.index_select(0, seen_idx).clamp_(-bound, bound))
                 self.params.w.clamp_(-bound, bound)
@@ -760,12 +756,13 @@ class SomaLearner:
                 self.carry = self.carry + read_rows(cfg, delta, t_now)  # P moves by sum_v T[v, j] (M delta)[v, j]
         return power
 
-    def _band_coef(self, d: float) -> torch.Tensor:
-        """gamma_obs(k, d) (K,) float64, remembered for the last d asked."""
-        if self._gamma_d != d:
-            self._gamma = band_confidence(self.cfg.base, self.cfg.n_bands, d)
-            self._gamma_d = d
-        return self._gamma
+    def _band_step(self, d: float, eta: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The step per band of an update at band d: -eta gamma_obs(k, d) (K,) (gamma_obs alone
+        for eta 0: an update that only measures), remembered for the last (d, eta, dtype) asked."""
+        if self._band_step_of != (d, eta, dtype):
+            step = band_confidence(self.cfg.base, self.cfg.n_bands, d) * (-eta if eta != 0 else 1.0)
+            self._band_step_value, self._band_step_of = step.to(dtype), (d, eta, dtype)
+        return self._band_step_value
 
     def check_finite(self) -> None:
         if not self.params.all_finite() or not bool(torch.isfinite(self.carry).all()):

@@ -107,7 +107,37 @@ class Metabolism:
     def observation_positions(self, n: int) -> torch.Tensor:
         """Positions (o,) int64 of the observations among the next n bytes (``observation_mask``'s
         True entries; advances the phase the same way)."""
-        return torch.from_numpy(np.flatnonzero(self._crossings(n)))
+        return torch.tensor(self.observation_list(n), dtype=torch.long)
+
+    def observation_list(self, n: int, offset: int = 0) -> list[int]:
+        """``observation_positions`` as a list, each plus ``offset``.
+
+        Found one observation at a time, in plain Python: at a stride above a few bytes that
+        is a handful of steps where ``_crossings`` runs numpy over every byte (and each numpy
+        or torch call costs tens of microseconds between the kernel's large passes). Each
+        candidate is judged by the same arithmetic as ``_crossings``, so both agree exactly."""
+        step = 1.0 / self.stride
+        if step > 0.25:  # dense: most bytes observed
+            return (np.flatnonzero(self._crossings(n)) + offset).tolist()
+        phase = self.phase
+
+        def crossed(t: int) -> bool:
+            cum = phase + step * (t + 1)
+            return math.floor(cum) > math.floor(cum - step)
+
+        positions, k, last = [], 1, -1  # the phase is in [0, 1): whole number k is crossed at byte ~ (k - phase) / step - 1
+        while True:
+            guess = math.ceil((k - phase) / step) - 1
+            t = next((c for c in (guess - 1, guess, guess + 1) if c > last and crossed(c)), None)
+            if t is None:  # rounding put the crossing further off: the exact scan
+                return (np.flatnonzero(self._crossings(n)) + offset).tolist()
+            if t >= n:
+                break
+            positions.append(t + offset)
+            last, k = t, k + 1
+        cum = phase + step * n
+        self.phase = float(cum - math.floor(cum)) if n else phase
+        return positions
 
     def _crossings(self, n: int) -> np.ndarray:
         """(n,) bool: the bytes where the phase crosses a whole number (advances it). numpy,
@@ -124,7 +154,7 @@ class Metabolism:
 
     # ------------------------------------------------------------------ feedback
 
-    def after_chunk(self, bits: torch.Tensor, n_obs: int, band_power: torch.Tensor | None = None, seconds: float = 0.0) -> None:
+    def after_chunk(self, bits: torch.Tensor, n_obs: int, band_power: np.ndarray | torch.Tensor | None = None, seconds: float = 0.0) -> None:
         """Account a scored chunk: its per-byte losses, observations made, gradient power."""
         n = bits.numel()
         if n == 0:
@@ -132,8 +162,10 @@ class Metabolism:
         self.bytes += n
         self.observations += n_obs
         self._update_surprise(bits)
-        if band_power is not None and n_obs:
-            self.band_power.mul_(0.9).add_(band_power.to(torch.float64) / n_obs, alpha=0.1)
+        if band_power is not None and n_obs:  # through numpy views of the tensors: torch ops cost more than the work at K values
+            average = self.band_power.numpy()
+            average *= 0.9
+            average += np.asarray(band_power, dtype=np.float64) * (0.1 / n_obs)
         self._spend(n, n_obs, seconds)
         if self.cfg.mode == "adaptive":
             self._adapt(n)

@@ -281,6 +281,29 @@ static void gemm(int R, int N, int I, const float *a, size_t ars, size_t acs, co
             vstore(d + VW, beta == 0.0f ? scale * y : beta * vload(d + VW) + scale * y);
         }
     }
+    for (; c0 + VW <= N; c0 += VW) { /* a last block of one vector: four rows at a time */
+        int r = 0;
+        for (; r + 4 <= R; r += 4) {
+            vec x0 = {0}, x1 = {0}, x2 = {0}, x3 = {0};
+            const float *a0 = a + (size_t)r * ars, *a1 = a0 + ars, *a2 = a1 + ars, *a3 = a2 + ars;
+            for (int i = 0; i < I; i++) {
+                vec p = vload(b + (size_t)i * ldb + c0);
+                size_t at = (size_t)i * acs;
+                x0 += a0[at] * p, x1 += a1[at] * p, x2 += a2[at] * p, x3 += a3[at] * p;
+            }
+            vec xs[4] = {x0, x1, x2, x3};
+            for (int k = 0; k < 4; k++) {
+                float *d = out + (size_t)(r + k) * ldo + c0;
+                vstore(d, beta == 0.0f ? scale * xs[k] : beta * vload(d) + scale * xs[k]);
+            }
+        }
+        for (; r < R; r++) {
+            vec x = {0};
+            for (int i = 0; i < I; i++) x += a[(size_t)r * ars + (size_t)i * acs] * vload(b + (size_t)i * ldb + c0);
+            float *d = out + (size_t)r * ldo + c0;
+            vstore(d, beta == 0.0f ? scale * x : beta * vload(d) + scale * x);
+        }
+    }
     for (; c0 < N; c0++) /* columns past the last block */
         for (int r = 0; r < R; r++) {
             float x = 0.0f;
@@ -440,9 +463,9 @@ static void window_feats(int L, int K, const uint8_t *bytes, int o, const int64_
 }
 
 /* g (o x 256, rows ldg apart) = softmax(logits_i) - onehot(target_i): the loss gradient (in
- * nats) at the logits of each observation. */
+ * nats) at the logits of each observation; also transposed into gt (256 x ldt, ldt >= o). */
 static void output_grad(int o, const float *logits, const uint8_t *bytes, const int64_t *obs,
-                        float *g, size_t ldg) {
+                        float *g, size_t ldg, float *gt, size_t ldt) {
     for (int i = 0; i < o; i++) {
         const float *x = logits + (size_t)i * V;
         float *gi = g + (size_t)i * ldg;
@@ -450,22 +473,21 @@ static void output_grad(int o, const float *logits, const uint8_t *bytes, const 
         float inv = 1.0f / softmax_sums(x, gi, &top, NULL);
         for (int v = 0; v < V; v++) gi[v] *= inv;
         gi[bytes[obs[i]]] -= 1.0f;
+        for (int v = 0; v < V; v++) gt[(size_t)v * ldt + i] = gi[v];
     }
 }
 
 /* dz (o x H, rows ldz apart) = (g w^T) * act'(h): the gradient at the hidden pre-activations;
- * w (H x 256), g rows ldg apart, h (o x H). act'(z) through h: 1 - h^2 (tanh), h > 0 (relu). */
-static void hidden_grad(int o, int H, int act, const float *g, size_t ldg, const float *w,
-                        const float *h, float *dz, size_t ldz) {
+ * w (H x 256), h (o x H), act'(z) through h: 1 - h^2 (tanh), h > 0 (relu). As the product
+ * dz^T = w g^T (H x ldt, from gt: 256 x ldt, ldt a multiple of VW, into dzt), one GEMM:
+ * o dot products per hidden unit would each end in a horizontal sum. */
+static void hidden_grad(int o, int H, int act, const float *gt, size_t ldt, const float *w,
+                        const float *h, float *dzt, float *dz, size_t ldz) {
+    gemm(H, (int)ldt, V, w, V, 1, gt, ldt, dzt, ldt, 0.0f, 1.0f);
     for (int i = 0; i < o; i++)
         for (int u = 0; u < H; u++) {
-            const float *gi = g + (size_t)i * ldg, *wu = w + (size_t)u * V;
-            vec s0 = {0}, s1 = {0};
-            for (int v = 0; v < V; v += 2 * VW) s0 += vload(gi + v) * vload(wu + v), s1 += vload(gi + v + VW) * vload(wu + v + VW);
-            float dot = 0.0f;
-            for (int l = 0; l < VW; l++) dot += s0[l] + s1[l];
             float hv = h[(size_t)i * H + u];
-            dz[(size_t)i * ldz + u] = dot * (act == 1 ? 1.0f - hv * hv : (hv > 0.0f ? 1.0f : 0.0f));
+            dz[(size_t)i * ldz + u] = dzt[(size_t)u * ldt + i] * (act == 1 ? 1.0f - hv * hv : (hv > 0.0f ? 1.0f : 0.0f));
         }
 }
 
@@ -482,6 +504,11 @@ static float dot(int C, const float *x, const float *y) {
 /* y += a x over C floats. */
 static void axpy(int C, float a, const float *x, float *y) {
     for (int c = 0; c < C; c++) y[c] += a * x[c];
+}
+
+/* y += a x + b z over C floats (one pass over y). */
+static void axpy2(int C, float a, const float *x, float b, const float *z, float *y) {
+    for (int c = 0; c < C; c++) y[c] += a * x[c] + b * z[c];
 }
 
 /* One SGD step from a window of observations on the rows of U and Wd (ucat) of the s byte
@@ -503,26 +530,24 @@ static void axpy(int C, float a, const float *x, float *y) {
  *   power_k     = sum_v |G[v, k] - G[v, k+1]|^2                            (always)
  * The rows outside the window only move along D, so their sums over v (P, power) reduce to a
  * few scalars per band; only the window's own rows are gone through one by one.
- * rows (s): the seen byte values, distinct, including every byte of the window; t_ref (s x K)
- * float64 and t_now (s x K) float32 their traces when the window opened and now; alpha (K);
+ * seen (256 bytes): which byte values have been seen (every byte of the window among them);
+ * bank_ref and bank_now (256 x K float64): the trace bank when the window opened and now; alpha (K);
  * coef (K): -eta gamma_obs(k, d) (any nonzero value when eta is 0: the power is measured
  * without it); work, work_len: scratch as in soma_chunk_forward.
  * Returns 0, -1 for bad arguments, -3 for more workspace. */
-int soma_window_update(int s, int K, int C, int H, int bandpass, int act, int apply,
-                       const int64_t *rows, const double *t_ref, const float *t_now, int L,
+int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, const uint8_t *seen,
+                       const double *bank_ref, const double *bank_now, int L,
                        const uint8_t *bytes, int o, const int64_t *obs, const float *hidden,
                        const float *logits, const double *alpha, const float *coef, float eta,
                        float *ucat, float *w, float *b, float *carry, double *power, float *work,
                        int64_t *work_len) {
-    if (s < 0 || s > V || K < 1 || K > MAX_BANDS || H < 1 || (C != H && C != H + V) || L < 0 || o < 0 || o > L) return -1;
+    if (K < 1 || K > MAX_BANDS || H < 1 || (C != H && C != H + V) || L < 0 || o < 0 || o > L) return -1;
     if (act < 1 || act > 2 || !work_len) return -1;
-    int is_row[V] = {0};
-    for (int i = 0; i < s; i++) {
-        if (rows[i] < 0 || rows[i] >= V || is_row[rows[i]]) return -1;
-        is_row[rows[i]] = 1;
-    }
+    int rows[V], s = 0;
+    for (int v = 0; v < V; v++)
+        if (seen[v]) rows[s++] = v;
     for (int t = 0; t < L; t++)
-        if (!is_row[bytes[t]]) return -1;
+        if (!seen[bytes[t]]) return -1;
     for (int i = 0; i < o; i++)
         if (obs[i] < 0 || obs[i] >= L || (i > 0 && obs[i] <= obs[i - 1])) return -1;
     for (int k = 0; k < K; k++)
@@ -530,7 +555,8 @@ int soma_window_update(int s, int K, int C, int H, int bandpass, int act, int ap
     int slot[V];
     int u = window_values(L, bytes, slot);
     size_t R = (size_t)(u + 1) * K, KC = (size_t)K * C, direct = C > H;
-    size_t need = 2 * (size_t)u * K + (size_t)o * R + (size_t)o * C + (direct ? 0 : (size_t)o * V) + 2 * KC + 2 * (size_t)C;
+    size_t ldt = ((size_t)o + VW - 1) / VW * VW; /* o, padded to whole vectors */
+    size_t need = 2 * (size_t)u * K + (size_t)o * R + (size_t)o * C + (direct ? 0 : (size_t)o * V) + 2 * KC + 2 * (size_t)C + (size_t)V * ldt + (size_t)H * ldt;
     if (!work || *work_len < 0 || (size_t)*work_len < need) {
         *work_len = (int64_t)need;
         return -3;
@@ -543,9 +569,11 @@ int soma_window_update(int s, int K, int C, int H, int bandpass, int act, int ap
     float *grad_carry = dzc + (size_t)o * C + (direct ? 0 : (size_t)o * V); /* D (K x C) */
     float *own_grad = grad_carry + KC;                                /* O of one window value */
     float *cur = own_grad + KC;                                       /* a row's delta, this band and the last */
+    float *gt = cur + 2 * (size_t)C, *dzt = gt + (size_t)V * ldt;   /* g^T (256 x ldt), dz^T (H x ldt) */
 
-    output_grad(o, logits, bytes, obs, g, ldg);
-    hidden_grad(o, H, act, g, ldg, w, hidden, dzc, C);
+    memset(gt, 0, (size_t)V * ldt * sizeof(float)); /* the padding columns */
+    output_grad(o, logits, bytes, obs, g, ldg, gt, ldt);
+    hidden_grad(o, H, act, gt, ldt, w, hidden, dzt, dzc, C);
     window_feats(L, K, bytes, o, obs, alpha, slot, u, acc, at);
     gemm(K, C, o, at, 1, R, dzc, C, grad_carry, C, 0.0f, 1.0f);
     for (int k = 0; k < K; k++) power[k] = 0.0;
@@ -559,15 +587,17 @@ int soma_window_update(int s, int K, int C, int H, int bandpass, int act, int ap
         double s_ta = 0.0, s_tb = 0.0, s_tprev = 0.0; /* sums over these rows of t a, t b, t a_{k-1} */
         for (int r = 0; r < s; r++) {
             if (slot[rows[r]] >= 0) continue;
-            const double *tr = t_ref + (size_t)r * K;
-            double a = tr[k], bb = next ? tr[k + 1] : 0.0, t = t_now[(size_t)r * K + k];
+            const double *tr = bank_ref + (size_t)rows[r] * K;
+            double a = tr[k], bb = next ? tr[k + 1] : 0.0, t = bank_now[(size_t)rows[r] * K + k];
             power[k] += a * a * dd - 2.0 * a * bb * dn_d + bb * bb * nn;
             s_ta += t * a, s_tb += t * bb;
             if (bandpass && k > 0) s_tprev += t * tr[k - 1];
             if (apply) {
                 float *row = ucat + ((size_t)rows[r] * K + k) * C;
-                axpy(C, coef[k] * (float)a, d, row);
-                if (next) axpy(C, -coef[k] * (float)bb, dn, row);
+                if (next)
+                    axpy2(C, coef[k] * (float)a, d, -coef[k] * (float)bb, dn, row);
+                else
+                    axpy(C, coef[k] * (float)a, d, row);
             }
         }
         if (apply) { /* P_k += sum_v t (delta[v, k] - delta[v, k-1]) over these rows */
@@ -586,25 +616,42 @@ int soma_window_update(int s, int K, int C, int H, int bandpass, int act, int ap
         int q = slot[rows[r]];
         if (q < 0) continue;
         gemm(K, C, o, at + (size_t)(q + 1) * K, 1, R, dzc, C, own_grad, C, 0.0f, 1.0f);
-        const double *tr = t_ref + (size_t)r * K;
+        const double *tr = bank_ref + (size_t)rows[r] * K;
         float *this = cur, *prev = cur + C;
         for (int k = 0; k < K; k++) {
             int next = bandpass && k + 1 < K;
             const float *d = grad_carry + (size_t)k * C, *ok = own_grad + (size_t)k * C;
-            float a = (float)tr[k], bb = next ? (float)tr[k + 1] : 0.0f;
-            for (int c = 0; c < C; c++) this[c] = a * d[c] + ok[c];
-            if (next)
-                for (int c = 0; c < C; c++) this[c] -= bb * d[C + c] + ok[C + c];
-            power[k] += dot(C, this, this);
-            if (apply) {
-                float *row = ucat + ((size_t)rows[r] * K + k) * C, *p = carry + (size_t)k * C, t = t_now[(size_t)r * K + k];
-                for (int c = 0; c < C; c++) this[c] *= coef[k];
-                for (int c = 0; c < C; c++) row[c] += this[c];
-                if (bandpass && k > 0)
-                    for (int c = 0; c < C; c++) p[c] += t * (this[c] - prev[c]);
-                else
-                    for (int c = 0; c < C; c++) p[c] += t * this[c];
+            float a = (float)tr[k], bb = next ? (float)tr[k + 1] : 0.0f, ck = coef[k];
+            const float *dn = next ? d + C : d, *okn = next ? ok + C : ok; /* with bb = 0 and no next: unused terms */
+            float nk = next ? 1.0f : 0.0f;
+            float *row = ucat + ((size_t)rows[r] * K + k) * C, *p = carry + (size_t)k * C, t = (float)bank_now[(size_t)rows[r] * K + k];
+            int mix = bandpass && k > 0;
+            vec sq0 = {0}, sq1 = {0};
+            int c = 0;
+            for (; c + 2 * VW <= C; c += 2 * VW) /* G - G_next, |.|^2, delta, row and P in one pass */
+                for (int half = 0; half < 2; half++) {
+                    int x = c + half * VW;
+                    vec gv = a * vload(d + x) + vload(ok + x) - nk * (bb * vload(dn + x) + vload(okn + x));
+                    if (half) sq1 += gv * gv; else sq0 += gv * gv;
+                    vec delta = ck * gv;
+                    vstore(this + x, delta);
+                    if (apply) {
+                        vstore(row + x, vload(row + x) + delta);
+                        vstore(p + x, vload(p + x) + t * (mix ? delta - vload(prev + x) : delta));
+                    }
+                }
+            double pw = 0.0;
+            for (int l = 0; l < VW; l++) pw += (double)sq0[l] + (double)sq1[l];
+            for (; c < C; c++) {
+                float gv = a * d[c] + ok[c] - nk * (bb * dn[c] + okn[c]);
+                pw += (double)gv * gv;
+                this[c] = ck * gv;
+                if (apply) {
+                    row[c] += this[c];
+                    p[c] += t * (mix ? this[c] - prev[c] : this[c]);
+                }
             }
+            power[k] += pw;
             float *swap = prev;
             prev = this, this = swap;
         }

@@ -136,32 +136,34 @@ def test_bad_window_updates_are_refused_and_write_nothing(recurrence):
     carry = torch.zeros(4, cfg.out_dim)
     coef = torch.full((4,), -0.1)
 
-    def update(rows, window, positions, hidden=None, coef=coef):
-        rows, positions = torch.tensor(rows), torch.tensor(positions, dtype=torch.long)
-        t_ref = torch.rand(rows.numel(), 4, dtype=torch.float64)
+    def update(seen, window, positions, hidden=None, coef=coef):
+        mask = torch.zeros(V, dtype=torch.bool)
+        mask[seen] = True
+        positions = torch.tensor(positions, dtype=torch.long)
+        bank = torch.rand(V, 4, dtype=torch.float64)
         hidden = torch.rand(positions.numel(), cfg.hidden_dim) if hidden is None else hidden
         logits = torch.randn(positions.numel(), V)
         window = torch.tensor(window, dtype=torch.uint8)
-        return recurrence.window_update(rows, t_ref, t_ref.float(), window, positions, hidden, logits, alpha, coef, 0.1, params.ucat, params.w, params.b, carry, True, "tanh", True)
+        return recurrence.window_update(mask, bank, bank, window, positions, hidden, logits, alpha, coef, 0.1, params.ucat, params.w, params.b, carry, True, "tanh", True)
 
     before = params.clone()
-    for rows, window, positions in (
-        ([1, 2], [1, 3], [1]),  # a window byte (3) among no row
-        ([1, 1], [1], [0]),  # rows not distinct
-        ([1, 256], [1], [0]),  # a row out of range
+    for seen, window, positions in (
+        ([1, 2], [1, 3], [1]),  # a window byte (3) never seen
         ([1, 2], [1, 2, 1], [2, 1]),  # positions not increasing
+        ([1, 2], [1, 2, 1], [1, 1]),  # nor distinct
         ([1, 2], [1, 2], [2]),  # a position past the window
     ):
         with pytest.raises(ValueError, match="soma_window_update: bad arguments"):
-            update(rows, window, positions)
+            update(seen, window, positions)
     with pytest.raises(ValueError, match="soma_window_update: bad arguments"):
         update([1, 2], [1, 2], [0, 1], coef=torch.tensor([-0.1, 0.0, -0.1, -0.1]))  # a band without a step
     with pytest.raises(ValueError, match="hidden must be contiguous torch.float32"):
         update([1, 2], [1, 2], [0, 1], hidden=torch.rand(cfg.hidden_dim, 2).t())
     assert all(torch.equal(a, b) for a, b in ((params.ucat, before.ucat), (params.w, before.w), (params.b, before.b))) and not carry.any()
-    power = update([1, 2], [1, 2, 1], [0, 2])
+    power = update([1, 2, 7], [1, 2, 1], [0, 2])  # 7: seen before the window, moved along D only
     assert power.shape == (4,) and bool((power > 0).all())
     assert not torch.equal(params.ucat, before.ucat) and not torch.equal(params.w, before.w) and not torch.equal(params.b, before.b)
+    assert not torch.equal(params.ucat.view(V, -1)[7], before.ucat.view(V, -1)[7]) and torch.equal(params.ucat.view(V, -1)[8], before.ucat.view(V, -1)[8])
 
 
 # --------------------------------------------------------------------------- building and finding
