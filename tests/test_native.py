@@ -83,9 +83,16 @@ def test_carried_state_does_not_drift_over_many_chunks(recurrence):
     assert (carry - exact).abs().max().item() < 2e-5 * max(1.0, exact.abs().max().item())
 
 
+LEARNERS = [
+    SomaConfig(n_bands=12, hidden_dim=32),  # tanh, bandpass, direct readout: C = 288
+    # relu, raw traces, no direct readout, H > the C GEMM's inner block (256), C = 300 not a whole number of vectors
+    SomaConfig(n_bands=5, hidden_dim=300, features="traces", activation="relu", direct_readout=False),
+]
+
+
+@pytest.mark.parametrize("cfg", LEARNERS, ids=["K12-H32-tanh", "K5-H300-relu-traces"])
 @pytest.mark.parametrize("metabolism", [MetabolismConfig(mode="fixed", d=0.0), MetabolismConfig()], ids=["d0", "adaptive"])
-def test_learner_gives_the_same_losses_with_either_kernel(recurrence, metabolism):
-    cfg = SomaConfig(n_bands=12, hidden_dim=32)
+def test_learner_gives_the_same_losses_with_either_kernel(recurrence, metabolism, cfg):
     data = repetitive_bytes(4000, b"temp=21.5;hum=40\n") + random_bytes(2000, seed=9)
     runs = {}
     for kernel in ("torch", "native"):
@@ -305,3 +312,31 @@ def test_a_chunk_cut_where_the_metabolism_moves_d_keeps_both_paths_in_step(recur
     assert torch_learner.updates == native_learner.updates > 0
     assert torch_learner.metabolism.observations == native_learner.metabolism.observations
     assert (bits_t - bits_n).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("scale", [0.3, 30.0])
+def test_losses_and_entropy_match_torch_also_for_extreme_logits(recurrence, scale):
+    """The kernel's own exp and log-sum-exp against torch's log_softmax, with logits of a few
+    units and of hundreds (the exponent clamp, the max shift)."""
+    cfg = SomaConfig(n_bands=8, hidden_dim=16)
+    params = random_params(cfg, scale=scale)
+    data = random_bytes(700, seed=4, alphabet=40)
+    out = {}
+    for kernel in ("torch", "native"):
+        learner = SomaLearner(cfg, LearnerConfig(kernel=kernel), params=params.clone())
+        out[kernel] = learner.score_with_entropy(data)
+    (bits_t, ent_t), (bits_n, ent_n) = out["torch"], out["native"]
+    assert bool(torch.isfinite(bits_n).all()) and float(bits_n.max()) > (50.0 if scale > 1 else 1.0)
+    torch.testing.assert_close(bits_n, bits_t, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ent_n, ent_t, rtol=1e-4, atol=1e-3)
+
+
+def test_a_non_finite_loss_is_a_numerical_fault(recurrence):
+    from somad.learner import NumericalFault
+
+    cfg = SomaConfig(n_bands=4, hidden_dim=8)
+    learner = SomaLearner(cfg, LearnerConfig(kernel="native"))
+    learner.learn(b"abc" * 20)
+    learner.params.b[5] = float("nan")
+    with pytest.raises(NumericalFault, match="non-finite loss"):
+        learner.learn(b"abc")
