@@ -331,7 +331,7 @@ static void gemm(int R, int N, int I, const float *a, size_t ars, size_t acs, co
 /* max over x[0 .. 255], and sum of e[v] = exp(x[v] - max) written to e (may be NULL: then
  * not kept) with, in *moment, the sum of e[v] (x[v] - max). In VW lanes: a float reduction
  * is not vectorized without -ffast-math (it would reorder the adds), lanes are. */
-static float softmax_sums(const float *x, float *e, float *top_out, float *moment) {
+static inline float softmax_sums(const float *x, float *e, float *top_out, float *moment) {
     float lane[VW], sum[VW], mom[VW];
     for (int l = 0; l < VW; l++) lane[l] = x[l], sum[l] = 0.0f, mom[l] = 0.0f;
     for (int v = VW; v < V; v += VW)
@@ -343,7 +343,7 @@ static float softmax_sums(const float *x, float *e, float *top_out, float *momen
             float d = x[v + l] - top, ev = exp_approx(d);
             if (e) e[v + l] = ev;
             sum[l] += ev;
-            mom[l] += ev * d;
+            if (moment) mom[l] += ev * d;
         }
     float total = 0.0f, m = 0.0f;
     for (int l = 0; l < VW; l++) total += sum[l], m += mom[l];
@@ -359,8 +359,8 @@ static int losses(int n, const float *logits, const int64_t *target, float *bits
     int bad = 0;
     for (int t = 0; t < n; t++) {
         const float *x = logits + (size_t)t * V;
-        float top, moment;
-        float sum = softmax_sums(x, NULL, &top, &moment);
+        float top, moment = 0.0f; /* two calls: each inlined without the branches it does not take */
+        float sum = entropy ? softmax_sums(x, NULL, &top, &moment) : softmax_sums(x, NULL, &top, NULL);
         float lse = logf(sum); /* log sum exp(x - top) */
         bits[t] = (lse - (x[target[t]] - top)) * inv_ln2;
         if (entropy) entropy[t] = (lse - moment / sum) * inv_ln2;
