@@ -18,6 +18,16 @@ and one eta_scale, so each update is exactly -eta * gamma_obs(k, d) times the gr
 observations' losses at the weights that scored them. ``score()`` and ``state_dict()`` first
 apply what is pending (``apply_pending``): nothing observed is lost.
 
+Two forward paths, the same mathematics (``LearnerConfig.kernel``). The torch path is the
+above. The native kernel (``somad/native.py``, ``recurrence.c``) computes a chunk of any
+length in one C call, through to each byte's loss, and a window's whole update in another
+(``ObservationWindow`` keeps the window's bytes, and h and the logits at its observations).
+So where the torch path's window spans several max_chunk chunks, a native learning chunk runs
+to the window's update at once; the metabolism still judges it in pieces of max_chunk bytes,
+as it judges the torch path's chunks, and a piece that moves d while the window holds
+observations ends the chunk there (the rest is scored again with the updated weights). Both
+paths make the same updates at the same bytes (tests/test_native.py).
+
 Learning-rate rules (``LearnerConfig.rule``):
 - ``"seed"``: the soma theory's rule: eta = 1 at full observational coherence, band k's step
   scaled by gamma_obs(k, d), and a structural bound |w| <= ``weight_bound`` on every weight
