@@ -65,7 +65,7 @@ class KernelUnavailable(RuntimeError):
 class ChunkPass:
     """What one call computes for a chunk of n bytes (recurrence.c, soma_chunk_forward)."""
 
-    zc: torch.Tensor  # (n, C) float32: [hidden activations h | direct logits] predicting each byte
+    zc: torch.Tensor  # (n, C) float32: [hidden activations h | direct logits + b] predicting each byte
     logits: torch.Tensor  # (n, 256) float32
     bits: torch.Tensor  # (n,) float32: each byte's loss in bits
     entropy: torch.Tensor | None  # (n,) float32: each prediction's entropy in bits, if asked for

@@ -47,6 +47,11 @@ int soma_abi_version(void) { return 8; }
 typedef float vec __attribute__((vector_size(VW * sizeof(float))));
 static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+typedef int32_t veci __attribute__((vector_size(VW * sizeof(int32_t))));
+static inline vec vselect(veci mask, vec a, vec b) { return (vec)((mask & (veci)a) | (~mask & (veci)b)); }
+static inline vec vmax(vec a, vec b) { return vselect(a > b, a, b); }
+/* x limited to [lo, hi]; NaN stays NaN (a non-finite weight must reach the loss check) */
+static inline vec vclamp(vec x, float lo, float hi) { return vselect(x > hi, (vec){0} + hi, vselect(x < lo, (vec){0} + lo, x)); }
 
 #define RCB (2 * VW) /* columns of a register block of the recurrence (two vectors) */
 #define TILE 64      /* bytes per tile: the tile's sums (TILE x RCB floats) stay in L1 */
@@ -173,10 +178,12 @@ static void run_band(int t0, int t1, int n, const int64_t *bytes, const int *slo
     vstore(st + VW, b);
 }
 
-/* zc[t, col : col + w] = sum_j P_j before byte t for the columns of one block (w <= CB), the
- * states entering from carry: register blocks of RCB columns, tiles of TILE bytes. */
+/* zc[t, col : col + w] = zinit + sum_j P_j before byte t for the columns of one block (w <=
+ * CB; zinit: CB floats), the states entering from carry: register blocks of RCB columns, tiles
+ * of TILE bytes. */
 static void run_block(int n, const int64_t *bytes, const int *slot, int K, int C, int col, int w,
-                      const float *rows, const float *gain, const float *carry, float *zc) {
+                      const float *rows, const float *gain, const float *carry, const float *zinit,
+                      float *zc) {
     float st[MAX_BANDS * RCB], spill[TILE * RCB];
     for (int r0 = 0; r0 < w; r0 += RCB) {
         int rw = w - r0 < RCB ? w - r0 : RCB;
@@ -187,10 +194,10 @@ static void run_block(int n, const int64_t *bytes, const int *slot, int K, int C
             /* sums straight into zc, but for a last block narrower than RCB */
             float *z = rw == RCB ? zc + (size_t)t0 * C + col + r0 : spill;
             size_t zs = rw == RCB ? (size_t)C : RCB;
-            vec zero = {0};
+            vec z0 = vload(zinit + r0), z1 = vload(zinit + r0 + VW);
             for (int t = t0; t < t1; t++) {
-                vstore(z + (t - t0) * zs, zero);
-                vstore(z + (t - t0) * zs + VW, zero);
+                vstore(z + (t - t0) * zs, z0);
+                vstore(z + (t - t0) * zs + VW, z1);
             }
             int j0 = 0;
             for (; j0 + 4 <= K; j0 += 4)
@@ -223,19 +230,47 @@ static inline float exp_approx(float x) {
     return p * scale;
 }
 
+/* exp_approx on a vector, in vector operations throughout: the compiler vectorizes the scalar
+ * loop only partly (its clamps and int conversion became masked half-width code), and these
+ * exps are most of the loss's and the activation's time. */
+static inline vec vexp(vec x) {
+    x = vclamp(x, -87.0f, 88.0f);
+    vec k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vec r = x - k * 0.693359375f - k * -2.12194440e-4f;
+    vec p = (vec){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    veci bits = (__builtin_convertvector(k, veci) + 127) << 23;
+    return p * (vec)bits;
+}
+
 /* The hidden units' activation, in place over rows x H (stride C): 1 tanh, 2 relu, 0 none.
  * tanh(x) = (e^2x - 1) / (e^2x + 1), |x| capped at 9 (tanh(9) rounds to 1 in float32). */
 static void activate(int n, int C, int H, int act, float *zc) {
+    vec zero = {0};
     for (int t = 0; t < n; t++) {
         float *z = zc + (size_t)t * C;
+        int c = 0;
         if (act == 1) {
-            for (int c = 0; c < H; c++) {
+            for (; c + VW <= H; c += VW) {
+                vec e = vexp(2.0f * vclamp(vload(z + c), -9.0f, 9.0f));
+                vstore(z + c, (e - 1.0f) / (e + 1.0f));
+            }
+            for (; c < H; c++) {
                 float x = z[c] < -9.0f ? -9.0f : (z[c] > 9.0f ? 9.0f : z[c]);
                 float e = exp_approx(2.0f * x);
                 z[c] = (e - 1.0f) / (e + 1.0f);
             }
         } else if (act == 2) {
-            for (int c = 0; c < H; c++) z[c] = z[c] > 0.0f ? z[c] : 0.0f;
+            for (; c + VW <= H; c += VW) { /* NaN stays NaN */
+                vec x = vload(z + c);
+                vstore(z + c, vselect(x < zero, zero, x));
+            }
+            for (; c < H; c++) z[c] = z[c] < 0.0f ? 0.0f : z[c];
         }
     }
 }
@@ -252,15 +287,19 @@ static void activate(int n, int C, int H, int act, float *zc) {
 #endif
 #define KCB 256 /* the inner dimension in blocks: a block of B (KCB x two vectors) stays in L1 */
 
-/* out[r, c] = beta out[r, c] + scale sum_i a[r * ars + i * acs] b[i * ldb + c], for r < R,
- * c < N, i < I, out rows ldo apart; beta 0 ignores what out held. Register blocks of MR rows
+/* out[r, c] = beta cin[r, c] + scale sum_i a[r * ars + i * acs] b[i * ldb + c], for r < R,
+ * c < N, i < I, out rows ldo apart and cin rows ldc apart (ldc 0: one row for all; cin NULL:
+ * out itself); beta 0 ignores cin. Register blocks of MR rows
  * by two vectors (the strides of a only change which scalars are broadcast, so one kernel
  * serves A and A^T), the inner dimension in blocks of KCB. */
 static void gemm(int R, int N, int I, const float *a, size_t ars, size_t acs, const float *b,
-                 size_t ldb, float *out, size_t ldo, float beta, float scale) {
+                 size_t ldb, float *out, size_t ldo, float beta, float scale, const float *cin,
+                 size_t ldc) {
     for (int i0 = 0; i0 < I || i0 == 0; i0 += KCB) {
         int i1 = I - i0 < KCB ? I : i0 + KCB;
         float bb = i0 == 0 ? beta : 1.0f; /* later blocks add to what the first wrote */
+        const float *c_in = i0 == 0 && cin ? cin : out; /* what beta scales */
+        size_t ldi = i0 == 0 && cin ? ldc : ldo;
         int c0 = 0;
         for (; c0 + 2 * VW <= N; c0 += 2 * VW) {
             int r = 0;
@@ -278,8 +317,9 @@ static void gemm(int R, int N, int I, const float *a, size_t ars, size_t acs, co
                 }
                 for (int k = 0; k < MR; k++) {
                     float *d = out + (size_t)(r + k) * ldo + c0;
-                    vstore(d, bb == 0.0f ? scale * x[k] : bb * vload(d) + scale * x[k]);
-                    vstore(d + VW, bb == 0.0f ? scale * y[k] : bb * vload(d + VW) + scale * y[k]);
+                    const float *ci = c_in + (size_t)(r + k) * ldi + c0;
+                    vstore(d, bb == 0.0f ? scale * x[k] : bb * vload(ci) + scale * x[k]);
+                    vstore(d + VW, bb == 0.0f ? scale * y[k] : bb * vload(ci + VW) + scale * y[k]);
                 }
             }
             for (; r < R; r++) {
@@ -290,8 +330,9 @@ static void gemm(int R, int N, int I, const float *a, size_t ars, size_t acs, co
                     x += s0 * vload(bi), y += s0 * vload(bi + VW);
                 }
                 float *d = out + (size_t)r * ldo + c0;
-                vstore(d, bb == 0.0f ? scale * x : bb * vload(d) + scale * x);
-                vstore(d + VW, bb == 0.0f ? scale * y : bb * vload(d + VW) + scale * y);
+                const float *ci = c_in + (size_t)r * ldi + c0;
+                vstore(d, bb == 0.0f ? scale * x : bb * vload(ci) + scale * x);
+                vstore(d + VW, bb == 0.0f ? scale * y : bb * vload(ci + VW) + scale * y);
             }
         }
         for (; c0 + VW <= N; c0 += VW) { /* a last block of one vector: four rows at a time */
@@ -307,14 +348,14 @@ static void gemm(int R, int N, int I, const float *a, size_t ars, size_t acs, co
                 vec xs[4] = {x0, x1, x2, x3};
                 for (int k = 0; k < 4; k++) {
                     float *d = out + (size_t)(r + k) * ldo + c0;
-                    vstore(d, bb == 0.0f ? scale * xs[k] : bb * vload(d) + scale * xs[k]);
+                    vstore(d, bb == 0.0f ? scale * xs[k] : bb * vload(c_in + (size_t)(r + k) * ldi + c0) + scale * xs[k]);
                 }
             }
             for (; r < R; r++) {
                 vec x = {0};
                 for (int i = i0; i < i1; i++) x += a[(size_t)r * ars + (size_t)i * acs] * vload(b + (size_t)i * ldb + c0);
                 float *d = out + (size_t)r * ldo + c0;
-                vstore(d, bb == 0.0f ? scale * x : bb * vload(d) + scale * x);
+                vstore(d, bb == 0.0f ? scale * x : bb * vload(c_in + (size_t)r * ldi + c0) + scale * x);
             }
         }
         for (; c0 < N; c0++) /* columns past the last block */
@@ -322,33 +363,30 @@ static void gemm(int R, int N, int I, const float *a, size_t ars, size_t acs, co
                 float x = 0.0f;
                 for (int i = i0; i < i1; i++) x += a[(size_t)r * ars + (size_t)i * acs] * b[(size_t)i * ldb + c0];
                 float *d = out + (size_t)r * ldo + c0;
-                *d = bb == 0.0f ? scale * x : bb * *d + scale * x;
+                *d = bb == 0.0f ? scale * x : bb * c_in[(size_t)r * ldi + c0] + scale * x;
             }
         if (I == 0) break;
     }
 }
 
 /* max over x[0 .. 255], and sum of e[v] = exp(x[v] - max) written to e (may be NULL: then
- * not kept) with, in *moment, the sum of e[v] (x[v] - max). In VW lanes: a float reduction
- * is not vectorized without -ffast-math (it would reorder the adds), lanes are. */
+ * not kept) with, in *moment, the sum of e[v] (x[v] - max) (may be NULL: not summed). */
 static inline float softmax_sums(const float *x, float *e, float *top_out, float *moment) {
-    float lane[VW], sum[VW], mom[VW];
-    for (int l = 0; l < VW; l++) lane[l] = x[l], sum[l] = 0.0f, mom[l] = 0.0f;
-    for (int v = VW; v < V; v += VW)
-        for (int l = 0; l < VW; l++) lane[l] = x[v + l] > lane[l] ? x[v + l] : lane[l];
-    float top = lane[0];
-    for (int l = 1; l < VW; l++) top = lane[l] > top ? lane[l] : top;
-    for (int v = 0; v < V; v += VW)
-        for (int l = 0; l < VW; l++) {
-            float d = x[v + l] - top, ev = exp_approx(d);
-            if (e) e[v + l] = ev;
-            sum[l] += ev;
-            if (moment) mom[l] += ev * d;
-        }
-    float total = 0.0f, m = 0.0f;
-    for (int l = 0; l < VW; l++) total += sum[l], m += mom[l];
+    vec m = vload(x);
+    for (int v = VW; v < V; v += VW) m = vmax(m, vload(x + v));
+    float top = m[0];
+    for (int l = 1; l < VW; l++) top = m[l] > top ? m[l] : top;
+    vec sum = {0}, mom = {0};
+    for (int v = 0; v < V; v += VW) {
+        vec d = vload(x + v) - top, ev = vexp(d);
+        if (e) vstore(e + v, ev);
+        sum += ev;
+        if (moment) mom += ev * d;
+    }
+    float total = 0.0f, mt = 0.0f;
+    for (int l = 0; l < VW; l++) total += sum[l], mt += mom[l];
     *top_out = top;
-    if (moment) *moment = m;
+    if (moment) *moment = mt;
     return total;
 }
 
@@ -372,8 +410,9 @@ static int losses(int n, const float *logits, const int64_t *target, float *bits
 /* The forward pass of a chunk of n bytes, and the moves of the trace bank and of P past it.
  *   zc (n x C): row t = sum_j P_j before byte t, P entering as carry (K x C); then, for
  *     act 1 (tanh) or 2 (relu), the first H columns hold the hidden units' activations h.
- * With w (H x 256, not NULL) and b (256), the prediction of each byte (act must be given):
- *   logits (n x 256) = h w + b (+ the direct logits, zc's other C - H columns, if any);
+ * With wt (W: H x 256, not NULL) and b (256), the prediction of each byte (act must be given):
+ *   zc's other C - H columns (the direct logits Wd x, if any) hold them plus b, and
+ *   logits (n x 256) = h W + b (+ Wd x);
  *   bits (n): each byte's loss in bits; entropy (n, may be NULL): each prediction's entropy.
  * Optional outputs (NULL: not wanted):
  *   carry_out (K x C, may be carry itself): P after the chunk's last byte;
@@ -385,12 +424,12 @@ static int losses(int n, const float *logits, const int64_t *target, float *bits
  * Returns the number of distinct byte values; -1 for bad arguments, -3 for more workspace, -4
  * when a loss is not finite (every output written). */
 int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const int64_t *bytes,
-                       const float *ucat, const double *alpha, const float *carry, const float *w,
+                       const float *ucat, const double *alpha, const float *carry, const float *wt,
                        const float *b, float *zc, float *logits, float *bits, float *entropy,
                        float *carry_out, const double *traces, double *traces_out, uint8_t *seen,
                        float *work, int64_t *work_len) {
     if (n < 1 || K < 1 || K > MAX_BANDS || C < 1 || H < 0 || H > C || act < 0 || act > 2 || !work_len) return -1;
-    if (w && (!b || !logits || !bits || act == 0 || (C != H && C != H + V))) return -1;
+    if (wt && (!b || !logits || !bits || act == 0 || (C != H && C != H + V))) return -1;
     if ((traces_out != NULL) != (traces != NULL)) return -1;
     for (int t = 0; t < n; t++)
         if (bytes[t] < 0 || bytes[t] >= V) return -1;
@@ -418,19 +457,18 @@ int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const 
         for (int i = 0; i < m; i++) seen[values[i]] = 1;
     for (int c0 = 0; c0 < C; c0 += CB) {
         int w = C - c0 < CB ? C - c0 : CB;
+        float zinit[CB] = {0}; /* the direct logits start from b: the logits GEMM then adds h W to them */
+        if (wt && C > H)
+            for (int c = 0; c < w; c++) zinit[c] = c0 + c >= H ? b[c0 + c - H] : 0.0f;
         mix_rows(m, K, C, bandpass, c0, w, values, ucat, gain, rows);
-        run_block(n, bytes, slot, K, C, c0, w, rows, gain, carry, zc);
+        run_block(n, bytes, slot, K, C, c0, w, rows, gain, carry, zinit, zc);
         if (carry_out)
             advance_state(m, K, C, c0, w, rows, coef, decay_n, carry, carry_out);
     }
     activate(n, C, H, act, zc);
-    if (!w) return m;
-    for (int t = 0; t < n; t++) { /* logits = b (+ direct), then + h w */
-        float *l = logits + (size_t)t * V;
-        const float *direct = zc + (size_t)t * C + H;
-        for (int v = 0; v < V; v++) l[v] = C > H ? b[v] + direct[v] : b[v];
-    }
-    gemm(n, V, H, zc, C, 1, w, V, logits, V, 1.0f, 1.0f);
+    if (!wt) return m;
+    /* logits = (direct logits + b, or b for every row) + h W */
+    gemm(n, V, H, zc, C, 1, wt, V, logits, V, 1.0f, 1.0f, C > H ? zc + H : b, C > H ? (size_t)C : 0);
     return losses(n, logits, bytes, bits, entropy) ? -4 : m;
 }
 
@@ -498,7 +536,7 @@ static void output_grad(int o, const float *logits, const uint8_t *bytes, const 
  * o dot products per hidden unit would each end in a horizontal sum. */
 static void hidden_grad(int o, int H, int act, const float *gt, size_t ldt, const float *w,
                         const float *h, float *dzt, float *dz, size_t ldz) {
-    gemm(H, (int)ldt, V, w, V, 1, gt, ldt, dzt, ldt, 0.0f, 1.0f);
+    gemm(H, (int)ldt, V, w, V, 1, gt, ldt, dzt, ldt, 0.0f, 1.0f, NULL, 0);
     for (int i = 0; i < o; i++)
         for (int u = 0; u < H; u++) {
             float hv = h[(size_t)i * H + u];
@@ -590,7 +628,7 @@ int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, co
     output_grad(o, logits, bytes, obs, g, ldg, gt, ldt);
     hidden_grad(o, H, act, gt, ldt, w, hidden, dzt, dzc, C);
     window_feats(L, K, bytes, o, obs, alpha, slot, u, acc, at);
-    gemm(K, C, o, at, 1, R, dzc, C, grad_carry, C, 0.0f, 1.0f);
+    gemm(K, C, o, at, 1, R, dzc, C, grad_carry, C, 0.0f, 1.0f, NULL, 0);
     for (int k = 0; k < K; k++) power[k] = 0.0;
 
     /* rows outside the window, band by band: delta[v, k] = coef_k (a D_k - b D_k+1) with
@@ -630,7 +668,7 @@ int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, co
     for (int r = 0; r < s; r++) {
         int q = slot[rows[r]];
         if (q < 0) continue;
-        gemm(K, C, o, at + (size_t)(q + 1) * K, 1, R, dzc, C, own_grad, C, 0.0f, 1.0f);
+        gemm(K, C, o, at + (size_t)(q + 1) * K, 1, R, dzc, C, own_grad, C, 0.0f, 1.0f, NULL, 0);
         const double *tr = bank_ref + (size_t)rows[r] * K;
         float *this = cur, *prev = cur + C;
         for (int k = 0; k < K; k++) {
@@ -673,7 +711,7 @@ int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, co
     }
 
     if (apply && eta != 0.0f) { /* the readout: W -= eta h^T g, b -= eta sum_i g_i */
-        gemm(H, V, o, hidden, 1, H, g, ldg, w, V, 1.0f, -eta);
+        gemm(H, V, o, hidden, 1, H, g, ldg, w, V, 1.0f, -eta, NULL, 0);
         for (int i = 0; i < o; i++) axpy(V, -eta, g + (size_t)i * ldg, b);
     }
     return 0;

@@ -331,12 +331,24 @@ def test_losses_and_entropy_match_torch_also_for_extreme_logits(recurrence, scal
     torch.testing.assert_close(ent_n, ent_t, rtol=1e-4, atol=1e-3)
 
 
-def test_a_non_finite_loss_is_a_numerical_fault(recurrence):
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("where", ["b", "w", "u", "wd"])
+def test_a_nan_weight_is_a_numerical_fault(recurrence, activation, where):
+    """A NaN anywhere in the weights must reach the loss check: the kernel's clamps (exp, tanh)
+    and relu keep NaN NaN."""
     from somad.learner import NumericalFault
 
-    cfg = SomaConfig(n_bands=4, hidden_dim=8)
+    cfg = SomaConfig(n_bands=4, hidden_dim=8, activation=activation)
     learner = SomaLearner(cfg, LearnerConfig(kernel="native"))
     learner.learn(b"abc" * 20)
-    learner.params.b[5] = float("nan")
-    with pytest.raises(NumericalFault, match="non-finite loss"):
+    params = learner.params
+    with torch.no_grad():
+        if where == "b":
+            params.b[5] = float("nan")
+        elif where == "w":
+            params.w[3, 7] = float("nan")
+        else:  # a row of U (hidden columns) or of Wd (direct columns) of a byte that comes next
+            params.ucat.view(V, cfg.n_bands, -1)[ord("a"), 1, 2 if where == "u" else cfg.hidden_dim + 2] = float("nan")
+    learner.sync_carry()
+    with pytest.raises(NumericalFault, match="non-finite"):
         learner.learn(b"abc")
