@@ -220,6 +220,7 @@ def measure_mode(mode: str, preset_name: str, data: bytes, args, impls: list[Imp
     warm_d = [warm_up(mode, L, st, args, impl.name) for impl, L, st in zip(impls, learners, streams)]
     metas = [L.metabolism for L in learners]
     start = [(m.observations, m.bytes) for m in metas]
+    chunks_start = [(getattr(L, "chunks", None), L.bytes_seen) for L in learners]  # a baseline may not count chunks
     d_samples = [[m.d] for m in metas]
     chunk_samples: list[list[int]] = [[] for _ in impls]
     prog = Progress(f"{MODE_LABELS[mode]} (timing {args.seconds:g}s each)", None, every_s=1.0)
@@ -241,6 +242,8 @@ def measure_mode(mode: str, preset_name: str, data: bytes, args, impls: list[Imp
         observations = m.observations - start[i][0] if mode != "score" else 0
         obs_per_byte = observations / max(1, m.bytes - start[i][1]) if mode != "score" else 0.0
         chunk = float(np.mean(chunk_samples[i])) if chunk_samples[i] else float(getattr(learner, "score_chunk", lc.max_chunk))
+        if mode != "score" and chunks_start[i][0] is not None and learner.chunks > chunks_start[i][0]:
+            chunk = (learner.bytes_seen - chunks_start[i][1]) / (learner.chunks - chunks_start[i][0])  # measured
         if mode == "d0":
             chunk = float(m.bytes_per_observation_batch(lc.batch, lc.max_chunk))  # fixed at d = 0
         chunk_int = max(1, round(chunk))
@@ -355,7 +358,8 @@ def render(meta: dict, modes: list[dict], peak: float, rss: dict | None) -> str:
         f"FLOP bound: single-thread fp32 GEMM 256x384 @ 384x384 on this machine = {peak:.1f} GFLOP per CPU-second;"
         " 'within Nx' = that / (2 * MACs/byte * bytes/CPU-s).",
         "MACs/byte: macs_per_byte(cfg, distinct/chunk, chunk, obs/byte, kernel) of that version's somad.model, chunk = mean chunk"
-        " length the learner used in that mode (when scoring: max_chunk, or 512 bytes on the native kernel; max_chunk at high d; batch at d = 0).",
+        " length the learner used in that mode (when scoring: max_chunk, or 1024 bytes on the native kernel; when learning at high d: max_chunk,"
+        " or on the native kernel up to the window's update, window_bytes; batch at d = 0).",
     ]
     if with_impl:
         names = list(dict.fromkeys(r["impl"] for r in modes))

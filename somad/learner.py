@@ -311,6 +311,7 @@ class SomaLearner:
         self.metabolism = Metabolism(self.lcfg.metabolism, cfg.base, cfg.n_bands)
         self.bytes_seen = 0
         self.updates = 0
+        self.chunks = 0  # chunks run (bytes_seen / chunks: the mean chunk length, bench/throughput)
         self.eta_scale = 1.0  # the pipeline lowers it while an alert is open ("reduced" learning)
         self._chunks_since_sync = 0
         self._projected = torch.zeros(V, self.kern.rank, cfg.out_dim)  # Ucat rows in lag modes (project_rows)
@@ -489,6 +490,7 @@ class SomaLearner:
             end = pos + bits.numel()  # a native learning step may take fewer bytes (_step_native)
             out[pos:end] = bits
             pos = end
+            self.chunks += 1
         return out, entropy
 
     def _learn_chunk_length(self) -> int:
