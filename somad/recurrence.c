@@ -212,27 +212,9 @@ static void run_block(int n, const int64_t *bytes, const int *slot, int K, int C
 }
 
 /* e^x for x in [-87, 88], within 2 ulp: e^x = 2^k e^r, k = round(x / ln 2), |r| <= ln 2 / 2,
- * e^r by Cephes' polynomial. Plain C the compiler vectorizes (no libm call in the loop). */
-static inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    float r = x - k * 0.693359375f - k * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-/* exp_approx on a vector, in vector operations throughout: the compiler vectorizes the scalar
- * loop only partly (its clamps and int conversion became masked half-width code), and these
- * exps are most of the loss's and the activation's time. */
+ * e^r by Cephes' polynomial; NaN stays NaN. In vector operations throughout (a scalar loop
+ * was vectorized only partly: its clamps and int conversion became masked half-width code),
+ * as these exps are most of the loss's and the activation's time. */
 static inline vec vexp(vec x) {
     x = vclamp(x, -87.0f, 88.0f);
     vec k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -260,10 +242,12 @@ static void activate(int n, int C, int H, int act, float *zc) {
                 vec e = vexp(2.0f * vclamp(vload(z + c), -9.0f, 9.0f));
                 vstore(z + c, (e - 1.0f) / (e + 1.0f));
             }
-            for (; c < H; c++) {
-                float x = z[c] < -9.0f ? -9.0f : (z[c] > 9.0f ? 9.0f : z[c]);
-                float e = exp_approx(2.0f * x);
-                z[c] = (e - 1.0f) / (e + 1.0f);
+            if (c < H) { /* the last columns, through one padded vector */
+                float tail[VW] = {0};
+                memcpy(tail, z + c, (size_t)(H - c) * sizeof(float));
+                vec e = vexp(2.0f * vclamp(vload(tail), -9.0f, 9.0f));
+                vstore(tail, (e - 1.0f) / (e + 1.0f));
+                memcpy(z + c, tail, (size_t)(H - c) * sizeof(float));
             }
         } else if (act == 2) {
             for (; c + VW <= H; c += VW) { /* NaN stays NaN */

@@ -87,10 +87,11 @@ LEARNERS = [
     SomaConfig(n_bands=12, hidden_dim=32),  # tanh, bandpass, direct readout: C = 288
     # relu, raw traces, no direct readout, H > the C GEMM's inner block (256), C = 300 not a whole number of vectors
     SomaConfig(n_bands=5, hidden_dim=300, features="traces", activation="relu", direct_readout=False),
+    SomaConfig(n_bands=6, hidden_dim=20),  # tanh over H not a whole number of vectors: C = 276
 ]
 
 
-@pytest.mark.parametrize("cfg", LEARNERS, ids=["K12-H32-tanh", "K5-H300-relu-traces"])
+@pytest.mark.parametrize("cfg", LEARNERS, ids=["K12-H32-tanh", "K5-H300-relu-traces", "K6-H20-tanh"])
 @pytest.mark.parametrize("metabolism", [MetabolismConfig(mode="fixed", d=0.0), MetabolismConfig()], ids=["d0", "adaptive"])
 def test_learner_gives_the_same_losses_with_either_kernel(recurrence, metabolism, cfg):
     data = repetitive_bytes(4000, b"temp=21.5;hum=40\n") + random_bytes(2000, seed=9)
