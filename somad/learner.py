@@ -299,9 +299,9 @@ class SomaLearner:
     def __init__(self, cfg: SomaConfig, lcfg: LearnerConfig | None = None, params: SomaParams | None = None):
         self.cfg = cfg
         self.lcfg = lcfg or LearnerConfig()
-        self.params = params or SomaParams.init(cfg)
+        self._params = params or SomaParams.init(cfg)  # the weights; ``params`` brings pending rows up to date first
         if self.lcfg.weight_bound > 0:  # the bound holds for every weight, from the start
-            for tensor in (self.params.ucat, self.params.w, self.params.b):
+            for tensor in (self._params.ucat, self._params.w, self._params.b):
                 tensor.clamp_(-self.lcfg.weight_bound, self.lcfg.weight_bound)
         self.kern = ChunkKernels(cfg, self.lcfg.max_chunk)
         self.alpha = self.kern.alpha  # (K,) float64
@@ -316,13 +316,15 @@ class SomaLearner:
         self._chunks_since_sync = 0
         self._projected = torch.zeros(V, self.kern.rank, cfg.out_dim)  # Ucat rows in lag modes (project_rows)
         self._projected_ok = torch.zeros(V, dtype=torch.bool)  # which rows of _projected are current
-        self._projected_of = (self.params.ucat, 0, -1, 0)  # (tensor, address, version, span of chunk lengths) they come from
+        self._projected_of = (self._params.ucat, 0, -1, 0)  # (tensor, address, version, span of chunk lengths) they come from
         self._power = torch.zeros(cfg.n_bands, dtype=torch.float64)  # gradient power of the last update ...
         self._power_obs = 0  # ... and its observations, until reported to the metabolism
         self._band_step_of: tuple | None = None  # (d, eta, dtype) of the last _band_step ...
         self._band_step_value = torch.zeros(cfg.n_bands, dtype=torch.float64)  # ... and its value
         self._recurrence = self._load_kernel(self.lcfg.kernel)
         self._work = native.Workspace()  # the compiled kernel's scratch memory
+        # rows outside a window move at their next read (native; recurrence.c, "pending")
+        self._pending = None if self._recurrence is None else native.PendingRows(cfg.n_bands, cfg.out_dim)
         self._score_chunk = self.lcfg.max_chunk if self._recurrence is None else max(self.lcfg.max_chunk, NATIVE_SCORE_CHUNK)
         self.window = self._new_window()  # observations not yet applied
 
@@ -349,6 +351,23 @@ class SomaLearner:
         chunk = max(lc.max_chunk, NATIVE_LEARN_CHUNK)
         longest = min(lc.window_bytes, math.ceil((lc.batch + 1) * self.metabolism.base**lc.metabolism.d_max))
         return ObservationWindow(self.cfg, longest + 2 * chunk, lc.batch + chunk)  # + leading bytes without observations
+
+    @property
+    def params(self) -> SomaParams:
+        """The weights, every row up to date. On the native kernel a weight update moves the
+        rows of byte values outside its window only when they are next read (a chunk that reads
+        them, or a batch of updates at once: recurrence.c, "pending"); reading the weights from
+        outside first applies what is pending."""
+        self._refresh_all()
+        return self._params
+
+    @params.setter
+    def params(self, params: SomaParams) -> None:
+        """Replace the weights (whole: nothing stays pending for them). P is the caller's to
+        make consistent (``sync_carry``)."""
+        self._params = params
+        if self._pending is not None:
+            self._pending.reset()
 
     @property
     def kernel(self) -> str:
@@ -395,6 +414,14 @@ class SomaLearner:
         if self.window.open:
             self._apply_window()
 
+    def _refresh_all(self) -> None:
+        """Apply the pending row updates to every seen row (native kernel; a no-op otherwise)."""
+        pending = self._pending
+        if pending is not None and pending.count:
+            cfg = self.cfg
+            self._recurrence.refresh_rows(self._params.ucat, self.seen, pending, cfg.features == "bandpass", self._work)
+            pending.reset()
+
     def sync_carry(self) -> None:
         """Recompute the carried state P exactly from the trace bank and weights."""
         self.carry = carry_state(self.cfg, self.params, self.traces, self.seen)
@@ -415,9 +442,10 @@ class SomaLearner:
         """Everything that evolves while learning, as copies (safe to save while learning goes on).
 
         U and Wd are stored apart (the checkpoint format names them); ``carry`` is kept although
-        it can be recomputed, so that a resumed learner continues bit for bit. ``eta_scale`` is
-        not state: the pipeline sets it before each chunk. Gradients still pending in the window
-        are applied first (``apply_pending``), so the state holds every observation so far.
+        it can be recomputed, so that a resumed learner continues bit for bit as this one does.
+        ``eta_scale`` is not state: the pipeline sets it before each chunk. Gradients still
+        pending in the window are applied first (``apply_pending``), and the rows' deferred moves
+        (``params``), so the state holds every observation so far.
 
         >>> from somad.model import preset
         >>> a = SomaLearner(preset("tiny")); _ = a.learn(b"hello world\\n" * 4)
@@ -426,11 +454,11 @@ class SomaLearner:
         True
         """
         self.apply_pending()
-        hdim = self.cfg.hidden_dim
+        params, hdim = self.params, self.cfg.hidden_dim  # every row up to date
         state = {
-            "U": self.params.ucat[:, :hdim].contiguous().clone(),  # (256*K, H)
-            "W": self.params.w.clone(),  # (H, 256)
-            "b": self.params.b.clone(),  # (256,)
+            "U": params.ucat[:, :hdim].contiguous().clone(),  # (256*K, H)
+            "W": params.w.clone(),  # (H, 256)
+            "b": params.b.clone(),  # (256,)
             "traces": self.traces.clone(),  # (256, K) float64
             "seen": self.seen.clone(),  # (256,) bool
             "carry": self.carry.clone(),  # (K, out_dim)
@@ -440,7 +468,7 @@ class SomaLearner:
             "metabolism": self.metabolism.state_dict(),
         }
         if self.cfg.direct_readout:
-            state["Wd"] = self.params.ucat[:, hdim:].contiguous().clone()  # (256*K, 256)
+            state["Wd"] = params.ucat[:, hdim:].contiguous().clone()  # (256*K, 256)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -460,11 +488,11 @@ class SomaLearner:
                 got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                 raise ValueError(f"learner state: {name} must be {shape} {dtype}, got {got}")
         hdim = self.cfg.hidden_dim
-        self.params.ucat[:, :hdim] = state["U"]
+        self._params.ucat[:, :hdim] = state["U"]
         if self.cfg.direct_readout:
-            self.params.ucat[:, hdim:] = state["Wd"]
-        self.params.w.copy_(state["W"])
-        self.params.b.copy_(state["b"])
+            self._params.ucat[:, hdim:] = state["Wd"]
+        self._params.w.copy_(state["W"])
+        self._params.b.copy_(state["b"])
         self.traces = state["traces"].clone()
         self.seen = state["seen"].clone()
         self.carry = state["carry"].clone()
@@ -473,6 +501,8 @@ class SomaLearner:
         self._chunks_since_sync = int(state["chunks_since_sync"])
         self.metabolism.load_state_dict(state["metabolism"])
         self.window.reset()
+        if self._pending is not None:  # the rows were replaced: what was pending for them is void
+            self._pending.reset()
 
     # ------------------------------------------------------------------ internals
 
@@ -524,11 +554,11 @@ class SomaLearner:
             self._close_window_if_changed(lambda window: window.has_room(uniq))
         if update_every_chunk:  # the weights change after this chunk: no use keeping projections
             k, c = self.cfg.n_bands, self.cfg.out_dim
-            rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
+            rows = self._params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
             projected = project_rows(lk, rows)
         else:
             projected = self._projected_rows(lk, uniq)
-        h, logits = forward_modes(self.cfg, self.params, lk, self.carry, onehot, projected)
+        h, logits = forward_modes(self.cfg, self._params, lk, self.carry, onehot, projected)
         logp, bits = self._losses(logits, chunk, entropy_out)
         window = self.window
         if n_obs and not window.open:
@@ -537,7 +567,7 @@ class SomaLearner:
         if n_obs:
             idx = None if n_obs == n else observed.nonzero().squeeze(1)
             sel = (lambda x: x) if idx is None else (lambda x: x.index_select(0, idx))
-            window.add_chunk(self.cfg, self.params, lk, onehot, slots, used_before, idx, sel(h), sel(logp), sel(chunk))
+            window.add_chunk(self.cfg, self._params, lk, onehot, slots, used_before, idx, sel(h), sel(logp), sel(chunk))
         increment = onehot.t().to(torch.float64) @ lk.last64  # (m, K): the chunk's bytes in the traces after it
         if window.open:
             window.advance(lk, slots, increment)
@@ -614,8 +644,8 @@ class SomaLearner:
         """The compiled forward pass of a chunk from the carried state ``carry``: h, logits and
         each byte's loss (its entropy into ``entropy_out`` if given), the trace bank and P after
         it (``seen`` is marked for its byte values). Raises NumericalFault on a non-finite loss."""
-        cfg, params = self.cfg, self.params
-        step = self._recurrence.run_chunk(chunk, params.ucat, self.alpha, carry, cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out)
+        cfg, params = self.cfg, self._params
+        step = self._recurrence.run_chunk(chunk, params.ucat, self.alpha, carry, cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out, self._pending)
         if not step.finite:
             raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
         return step
@@ -683,7 +713,7 @@ class SomaLearner:
         another version (written in place, by the learner or anyone else), another span of
         chunk lengths (its own lag modes).
         """
-        ucat = self.params.ucat
+        ucat = self._params.ucat
         source = (ucat, ucat.data_ptr(), ucat._version, lk.span)
         if self._projected_of[0] is not ucat or self._projected_of[1:] != source[1:]:
             self._projected_ok.zero_()
@@ -705,7 +735,7 @@ class SomaLearner:
             return
         k, c = self.cfg.n_bands, self.cfg.out_dim
         if rows is None:
-            rows = self.params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
+            rows = self._params.ucat.view(V, k * c).index_select(0, uniq).view(-1, k, c)  # (m, K, C)
         pairs = torch.matmul(lk.last_pairs, onehot)  # (K, 2, m): band_pairs of the increment, float32
         self.carry = torch.addcmul(read_rows(self.cfg, rows, increment, pairs), self.carry, lk.decay[:, None])
 
@@ -722,10 +752,14 @@ class SomaLearner:
         eta = self.lcfg.eta * window.eta_scale
         bound = self.lcfg.weight_bound
         if self._recurrence is not None:  # one call in C from the window's bytes, h and logits
-            o, params = window.observations, self.params
+            o, params, pending = window.observations, self._params, self._pending
+            if pending is not None and pending.full:  # room for this update's entry
+                self._refresh_all()
             self.carry = self.carry.contiguous()  # written in place
             coef = self._band_step(window.d, eta, torch.float32)
-            self._power = self._recurrence.window_update(self.seen, window.start, self.traces, window.data[: window.bytes], window.positions[:o], window.hidden[:o], window.logits[:o], self.alpha, coef, eta, params.ucat, params.w, params.b, self.carry, cfg.features == "bandpass", cfg.activation, eta != 0, self._work)
+            self._power = self._recurrence.window_update(self.seen, window.start, self.traces, window.data[: window.bytes], window.positions[:o], window.hidden[:o], window.logits[:o], self.alpha, coef, eta, params.ucat, params.w, params.b, self.carry, cfg.features == "bandpass", cfg.activation, eta != 0, self._work, pending)
+            if eta != 0 and pending is not None:
+                pending.push(window.start)
             seen_idx = None
         else:
             seen_idx = self.seen.nonzero().squeeze(1)  # (s,) includes the window's byte values
@@ -734,17 +768,17 @@ class SomaLearner:
             carry_grad, own, grad_w, grad_b = window.gradients(cfg.hidden_dim)
             self._power = self._apply_rows(seen_idx, t_ref, carry_grad, own, window.values[: window.used], coef64, eta != 0)
             if eta != 0:
-                self.params.w.add_(grad_w, alpha=-eta)
-                self.params.b.add_(grad_b, alpha=-eta)
+                self._params.w.add_(grad_w, alpha=-eta)
+                self._params.b.add_(grad_b, alpha=-eta)
         self._power_obs = window.observations
         if eta != 0:
             self.updates += 1
             if bound > 0:
                 seen_idx = self.seen.nonzero().squeeze(1) if seen_idx is None else seen_idx
-                ucat = self.params.ucat.view(V, -1)
+                ucat = self.params.ucat.view(V, -1)  # every row up to date first
                 ucat.index_copy_(0, seen_idx, ucat.index_select(0, seen_idx).clamp_(-bound, bound))
-                self.params.w.clamp_(-bound, bound)
-                self.params.b.clamp_(-bound, bound)
+                self._params.w.clamp_(-bound, bound)
+                self._params.b.clamp_(-bound, bound)
                 self.sync_carry()  # clamping is not linear: recompute P
         window.reset()
 
@@ -762,7 +796,7 @@ class SomaLearner:
         delta.index_add_(0, torch.searchsorted(seen_idx, own_values), own_f)
         power = torch.linalg.vector_norm(delta, dim=2).square().sum(0).to(torch.float64) / (coef64 * coef64)  # |g_k|^2
         if apply:
-            self.params.ucat.view(V, k * c).index_add_(0, seen_idx, delta.view(-1, k * c))
+            self._params.ucat.view(V, k * c).index_add_(0, seen_idx, delta.view(-1, k * c))
             if self.lcfg.weight_bound <= 0:  # with a bound, P is recomputed after clamping
                 t_now = self.traces.index_select(0, seen_idx).to(torch.float32)  # (s, K)
                 self.carry = self.carry + read_rows(cfg, delta, t_now)  # P moves by sum_v T[v, j] (M delta)[v, j]

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # torch is imported when a chunk is run: building needs only 
     import torch
 
 SOURCE = Path(__file__).with_name("recurrence.c")
-ABI_VERSION = 8  # soma_abi_version() of a library this module can call
+ABI_VERSION = 9  # soma_abi_version() of a library this module can call
 # -ffp-contract=fast: a * p + u as one fused multiply-add (ISO C modes leave it off)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")
 PORTABLE_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # when the compiler knows no -march=native
@@ -109,6 +109,57 @@ class Workspace:
         return Workspace, ()
 
 
+class PendingRows:
+    """Row updates kept for later (``pending`` in recurrence.c): up to ``capacity`` window
+    updates' D (K, C), step per band and T_ref (the trace bank the window opened with), and for
+    each byte value how many of them its row has had. Owned by a learner; its memory is fixed
+    (capacity x K x C floats: at most ENTRIES_BYTES, at most MAX_ENTRIES entries)."""
+
+    MAX_ENTRIES = 64  # small: an update a row at most per 64 (learning at d = 0: per 2 KB)
+    ENTRIES_BYTES = 16 << 20  # seed (1.55 MB an entry): 10 entries
+
+    def __init__(self, n_bands: int, out_dim: int):
+        import torch
+
+        self.capacity = max(2, min(self.MAX_ENTRIES, self.ENTRIES_BYTES // (4 * n_bands * out_dim)))
+        self.d = torch.zeros(self.capacity, n_bands, out_dim)
+        self.coef = torch.zeros(self.capacity, n_bands)
+        self.banks: list = [None] * self.capacity  # the T_ref tensors (kept alive: C reads them)
+        self.bank_ptrs = torch.zeros(self.capacity, dtype=torch.int64)  # their addresses
+        self.version = torch.zeros(256, dtype=torch.int32)
+        self.count = 0
+
+    @property
+    def full(self) -> bool:
+        return self.count == self.capacity
+
+    def push(self, bank: torch.Tensor) -> None:
+        """Count the entry an update just wrote (at ``count``), with its T_ref ``bank``."""
+        import torch
+
+        _require("bank", bank, torch.float64, (256, self.d.shape[1]))
+        if self.full:
+            raise ValueError(f"pending: all {self.capacity} entries taken")
+        self.banks[self.count] = bank
+        self.bank_ptrs[self.count] = bank.data_ptr()
+        self.count += 1
+
+    def reset(self) -> None:
+        """No entries (every row up to date, or replaced)."""
+        self.count = 0
+        self.version.zero_()
+        self.banks = [None] * self.capacity
+
+    def __getstate__(self) -> dict:  # addresses do not survive a copy: made again from the tensors
+        return {k: v for k, v in self.__dict__.items() if k != "bank_ptrs"}
+
+    def __setstate__(self, state: dict) -> None:
+        import torch
+
+        self.__dict__.update(state)
+        self.bank_ptrs = torch.tensor([0 if b is None else b.data_ptr() for b in self.banks], dtype=torch.int64)
+
+
 class Recurrence:
     """The loaded library: ``preactivations`` / ``run_chunk`` for a chunk's forward pass,
     ``window_update`` for a weight update. Thread-safe (no shared state; ctypes releases the GIL
@@ -118,12 +169,16 @@ class Recurrence:
         self.path = path
         fn = lib.soma_chunk_forward
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 16
+        fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 14 + [ctypes.c_int] + [ctypes.c_void_p] * 6
         self._fn = fn
         update = lib.soma_window_update
         update.restype = ctypes.c_int
-        update.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 7
+        update.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 5
         self._update = update
+        refresh = lib.soma_rows_refresh
+        refresh.restype = ctypes.c_int
+        refresh.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 6
+        self._refresh = refresh
 
     def __deepcopy__(self, memo: dict) -> Recurrence:  # stateless: copies of a learner share it
         return self
@@ -149,13 +204,14 @@ class Recurrence:
                 _mark_written(carry_out)
         return zc
 
-    def run_chunk(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool, hidden: int, activation: str, w: torch.Tensor, b: torch.Tensor, traces: torch.Tensor, seen: torch.Tensor, work: Workspace, entropy: torch.Tensor | None = None) -> ChunkPass:
+    def run_chunk(self, chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool, hidden: int, activation: str, w: torch.Tensor, b: torch.Tensor, traces: torch.Tensor, seen: torch.Tensor, work: Workspace, entropy: torch.Tensor | None = None, pending: PendingRows | None = None) -> ChunkPass:
         """The forward pass of a chunk (n >= 1) through to each byte's loss, and the trace bank
         and carried state past it. ``hidden`` H, ``activation`` ("tanh" or "relu"); ``w`` (H,
         256) and ``b`` (256,) the readout; ``traces`` (256, K) float64 the trace bank before the
         chunk (not changed: the pass returns a new one); ``seen`` (256,) bool is set for the
         chunk's byte values; ``work`` the caller's scratch memory; ``entropy`` (n,) float32, if
-        given, receives each prediction's entropy in bits."""
+        given, receives each prediction's entropy in bits; ``pending`` (if given): the rows of
+        the chunk's byte values are first brought up to date with it (in ``ucat``)."""
         import torch
 
         self._check(chunk, ucat, alpha, carry)
@@ -165,11 +221,13 @@ class Recurrence:
         if entropy is not None:
             _require("entropy", entropy, torch.float32, (n,))
         out = ChunkPass(torch.empty(n, c), torch.empty(n, 256), torch.empty(n), entropy, torch.empty(k, c), torch.empty(256, k, dtype=torch.float64), True)
-        rc = self._call(work, chunk, ucat, alpha, carry, bandpass, out.zc, hidden, ACTIVATIONS[activation], w, b, out.logits, out.bits, entropy, out.carry, traces, out.traces, seen)
+        rc = self._call(work, chunk, ucat, alpha, carry, bandpass, out.zc, hidden, ACTIVATIONS[activation], w, b, out.logits, out.bits, entropy, out.carry, traces, out.traces, seen, pending)
         out.finite = rc != NOT_FINITE
+        if pending is not None and pending.count:
+            _mark_written(ucat)
         return out
 
-    def window_update(self, seen: torch.Tensor, bank_ref: torch.Tensor, bank_now: torch.Tensor, window: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor, coef: torch.Tensor, eta: float, ucat: torch.Tensor, w: torch.Tensor, b: torch.Tensor, carry: torch.Tensor, bandpass: bool, activation: str, apply: bool, work: Workspace | None = None) -> torch.Tensor:
+    def window_update(self, seen: torch.Tensor, bank_ref: torch.Tensor, bank_now: torch.Tensor, window: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor, alpha: torch.Tensor, coef: torch.Tensor, eta: float, ucat: torch.Tensor, w: torch.Tensor, b: torch.Tensor, carry: torch.Tensor, bandpass: bool, activation: str, apply: bool, work: Workspace | None = None, pending: PendingRows | None = None) -> torch.Tensor:
         """One SGD step from a window of observations on the seen rows of ``ucat``, on ``w``,
         ``b`` and ``carry``, in place (``soma_window_update`` in recurrence.c has the
         arithmetic). Returns the gradient power per band (K,) float64.
@@ -180,7 +238,9 @@ class Recurrence:
         observations (increasing, < L); hidden (o, H) and logits (o, 256) float32: what the
         forward pass gave at each; alpha (K,) float64; coef (K,) float32: the step per band
         (-eta gamma_obs; nonzero); eta: the readout's step; ``apply`` False only measures the
-        power; ``work`` the caller's scratch memory."""
+        power; ``work`` the caller's scratch memory; ``pending`` (if given, not full): the rows
+        outside the window are not moved but their move written as its entry ``count`` (the
+        caller then ``push``es it), and the window's own rows must be up to date with it."""
         import torch
 
         k, c = carry.shape
@@ -191,13 +251,29 @@ class Recurrence:
             _require(name, tensor, dtype, shape)
         power = torch.empty(k, dtype=torch.float64)
         pointers = (t.data_ptr() for t in (seen, bank_ref, bank_now))
-        rc = (work or Workspace()).call(self._update, k, c, hdim, int(bandpass), ACTIVATIONS[activation], int(apply), *pointers, n, window.data_ptr(), o, positions.data_ptr(), hidden.data_ptr(), logits.data_ptr(), alpha.data_ptr(), coef.data_ptr(), eta, *(t.data_ptr() for t in (ucat, w, b, carry, power)))
+        if pending is not None and pending.full:
+            raise ValueError("window_update: no room for a pending entry (refresh the rows first)")
+        pend = _pending_pointers(pending, k, c, with_banks=False)
+        rc = (work or Workspace()).call(self._update, k, c, hdim, int(bandpass), ACTIVATIONS[activation], int(apply), *pointers, n, window.data_ptr(), o, positions.data_ptr(), hidden.data_ptr(), logits.data_ptr(), alpha.data_ptr(), coef.data_ptr(), eta, *(t.data_ptr() for t in (ucat, w, b, carry, power)), *pend)
         if rc != 0:
             why = f"bad arguments (K={k}, C={c}, H={hdim}, L={n}, o={o}: every window byte seen, positions increasing in 0..L-1, coef nonzero)"
             raise ValueError("soma_window_update: " + why)
         if apply:
             _mark_written(ucat, w, b, carry)
         return power
+
+    def refresh_rows(self, ucat: torch.Tensor, seen: torch.Tensor, pending: PendingRows, bandpass: bool, work: Workspace | None = None) -> None:
+        """Every seen row of ``ucat`` brought up to date with ``pending`` (in place); the caller
+        then resets it."""
+        import torch
+
+        k, c = pending.d.shape[1:]
+        _require("ucat", ucat, torch.float32, (256 * k, c))
+        _require("seen", seen, torch.bool, (256,))
+        rc = (work or Workspace()).call(self._refresh, k, c, int(bandpass), ucat.data_ptr(), seen.data_ptr(), *_pending_pointers(pending, k, c, with_banks=True))
+        if rc != 0:
+            raise ValueError(f"soma_rows_refresh: bad arguments (K={k}, C={c})")
+        _mark_written(ucat)
 
     @staticmethod
     def _check(chunk: torch.Tensor, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor) -> None:
@@ -209,15 +285,32 @@ class Recurrence:
         if ucat.shape != (256 * k, c) or alpha.shape != (k,) or chunk.dim() != 1:
             raise ValueError(f"shapes do not agree: chunk {tuple(chunk.shape)}, ucat {tuple(ucat.shape)}, alpha {tuple(alpha.shape)}, carry {tuple(carry.shape)}")
 
-    def _call(self, work, chunk, ucat, alpha, carry, bandpass, zc, hidden=None, act=0, w=None, b=None, logits=None, bits=None, entropy=None, carry_out=None, traces=None, traces_out=None, seen=None) -> int:
+    def _call(self, work, chunk, ucat, alpha, carry, bandpass, zc, hidden=None, act=0, w=None, b=None, logits=None, bits=None, entropy=None, carry_out=None, traces=None, traces_out=None, seen=None, pending=None) -> int:
         """Run soma_chunk_forward (arguments as ``run_chunk``; None: not wanted). Returns the
         chunk's number of distinct byte values, or NOT_FINITE."""
         (k, c), n = carry.shape, chunk.numel()
         pointers = [None if t is None else t.data_ptr() for t in (w, b, zc, logits, bits, entropy, carry_out, traces, traces_out, seen)]
-        m = work.call(self._fn, n, k, c, c if hidden is None else hidden, int(bandpass), act, chunk.data_ptr(), ucat.data_ptr(), alpha.data_ptr(), carry.data_ptr(), *pointers)
+        pend = _pending_pointers(pending, k, c, with_banks=True)
+        m = work.call(self._fn, n, k, c, c if hidden is None else hidden, int(bandpass), act, chunk.data_ptr(), ucat.data_ptr(), alpha.data_ptr(), carry.data_ptr(), *pointers, *pend)
         if m < 0 and m != NOT_FINITE:
             raise ValueError(f"soma_chunk_forward: bad arguments (n={n}, K={k}, C={c}, bytes 0..255)")
         return m
+
+
+def _pending_pointers(pending: PendingRows | None, k: int, c: int, with_banks: bool) -> tuple:
+    """The C functions' pending arguments: (count, d, coef[, banks], version), checked; none
+    (0 and NULLs) for None."""
+    import torch
+
+    if pending is None:
+        return (0, None, None, None, None) if with_banks else (0, None, None, None)
+    for name, tensor, dtype, shape in (("pending.d", pending.d, torch.float32, (pending.capacity, k, c)), ("pending.coef", pending.coef, torch.float32, (pending.capacity, k)), ("pending.bank_ptrs", pending.bank_ptrs, torch.int64, (pending.capacity,)), ("pending.version", pending.version, torch.int32, (256,))):
+        _require(name, tensor, dtype, shape)
+    if not 0 <= pending.count <= pending.capacity:
+        raise ValueError(f"pending: count {pending.count} out of 0..{pending.capacity}")
+    if with_banks:
+        return (pending.count, pending.d.data_ptr(), pending.coef.data_ptr(), pending.bank_ptrs.data_ptr(), pending.version.data_ptr())
+    return (pending.count, pending.d.data_ptr(), pending.coef.data_ptr(), pending.version.data_ptr())
 
 
 def _require(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> None:

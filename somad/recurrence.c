@@ -33,7 +33,7 @@
 #define MAX_BANDS 64   /* SomaConfig allows n_bands 1..64 */
 #define V 256
 
-int soma_abi_version(void) { return 8; }
+int soma_abi_version(void) { return 9; }
 
 /* SIMD through GCC/clang vector extensions (no intrinsics: the same code on x86 and Arm), a
  * vector as wide as the target's registers. */
@@ -391,6 +391,83 @@ static int losses(int n, const float *logits, const int64_t *target, float *bits
     return bad;
 }
 
+/* Updates deferred for the rows outside their window ("pending"). A window's update moves
+ * every seen row, but the rows of the byte values outside the window only along D:
+ *     delta[v, k] = coef_k (T_ref[v, k] D_k - T_ref[v, k+1] D_k+1)     (traces: no k+1 term)
+ * so a row need not be written until it is read: an update keeps its D, coef and T_ref as an
+ * entry, and a row is brought up to date (refresh_rows) when a chunk is about to read it, or
+ * when the entries run out (the caller refreshes every row then: soma_rows_refresh). Several
+ * entries and rows at once are one GEMM per band (the entries' D read once, not once a row and
+ * update): the update's pass over all seen rows, memory-bound for large models, becomes a
+ * compute-bound product. P and the band power do not wait: they are kept exact at the update.
+ * count entries: d (count x K x C), coef (count x K), banks[e] the address of entry e's T_ref
+ * (256 x K float64); version[v] (256): the entries row v has had (entries version[v] .. count-1
+ * are still to apply to it). */
+typedef struct {
+    int count;
+    const float *d, *coef;
+    const int64_t *banks;
+    int32_t *version;
+} pending;
+
+/* Floats of scratch refresh_rows needs for nr rows. */
+static size_t refresh_work(int nr, int C, int count) { return (size_t)nr * C + (size_t)nr * count; }
+
+/* Bring rows asked[0 .. n_asked) of ucat up to date with the pending entries (see pending). */
+static void refresh_rows(int n_asked, const int *asked, int K, int C, int bandpass, float *ucat,
+                         const pending *pd, float *work) {
+    if (!pd || !pd->version || pd->count == 0) return;
+    int vals[V], nr = 0, lo = pd->count; /* the rows with entries still to apply */
+    for (int r = 0; r < n_asked; r++) {
+        int vv = pd->version[asked[r]];
+        if (vv < pd->count) {
+            vals[nr++] = asked[r];
+            if (vv < lo) lo = vv;
+        }
+    }
+    if (nr == 0) return;
+    int np = pd->count - lo;
+    size_t KC = (size_t)K * C;
+    float *tmp = work, *A = work + (size_t)nr * C; /* tmp (nr x C), A (nr x np) */
+    for (int k = 0; k < K; k++) {
+        int next = bandpass && k + 1 < K;
+        for (int half = 0; half < 1 + next; half++) { /* the D_k term, then the D_k+1 term */
+            for (int r = 0; r < nr; r++)
+                for (int e = 0; e < np; e++) {
+                    int ee = lo + e;
+                    const double *T = (const double *)(intptr_t)pd->banks[ee];
+                    float c = pd->coef[(size_t)ee * K + k];
+                    A[(size_t)r * np + e] = ee < pd->version[vals[r]] ? 0.0f : (half ? -c * (float)T[(size_t)vals[r] * K + k + 1] : c * (float)T[(size_t)vals[r] * K + k]);
+                }
+            gemm(nr, C, np, A, (size_t)np, 1, pd->d + (size_t)lo * KC + (size_t)(k + half) * C, KC, tmp, C, half ? 1.0f : 0.0f, 1.0f, NULL, 0);
+        }
+        for (int r = 0; r < nr; r++) {
+            float *row = ucat + ((size_t)vals[r] * K + k) * C;
+            const float *t = tmp + (size_t)r * C;
+            for (int c = 0; c < C; c++) row[c] += t[c];
+        }
+    }
+    for (int r = 0; r < nr; r++) pd->version[vals[r]] = pd->count;
+}
+
+/* Every seen row brought up to date with the pending entries (version[v] = count for all). */
+int soma_rows_refresh(int K, int C, int bandpass, float *ucat, const uint8_t *seen, int count,
+                      const float *d, const float *coef, const int64_t *banks, int32_t *version,
+                      float *work, int64_t *work_len) {
+    if (K < 1 || K > MAX_BANDS || C < 1 || count < 0 || !work_len) return -1;
+    int rows[V], s = 0;
+    for (int v = 0; v < V; v++)
+        if (seen[v]) rows[s++] = v;
+    size_t need = refresh_work(s, C, count);
+    if (!work || *work_len < 0 || (size_t)*work_len < need) {
+        *work_len = (int64_t)need;
+        return -3;
+    }
+    pending pd = {count, d, coef, banks, version};
+    refresh_rows(s, rows, K, C, bandpass, ucat, &pd, work);
+    return 0;
+}
+
 /* The forward pass of a chunk of n bytes, and the moves of the trace bank and of P past it.
  *   zc (n x C): row t = sum_j P_j before byte t, P entering as carry (K x C); then, for
  *     act 1 (tanh) or 2 (relu), the first H columns hold the hidden units' activations h.
@@ -402,16 +479,18 @@ static int losses(int n, const float *logits, const int64_t *target, float *bits
  *   carry_out (K x C, may be carry itself): P after the chunk's last byte;
  *   traces_out (256 x K float64): the trace bank after the chunk, from traces before it;
  *   seen (256 bytes): set to 1 for the chunk's byte values.
- * ucat: (256 * K, C) rows (v, k); alpha: (K,) decays.
+ * ucat: (256 * K, C) rows (v, k), the chunk's own brought up to date first with the pending
+ * entries (pend_*, version: see pending; pend_count 0 or version NULL: none); alpha: (K,) decays.
  * work: *work_len floats of scratch (8-byte aligned); when that is too little, returns -3 and
  * sets *work_len to the floats needed (the caller keeps one workspace: no allocation here).
  * Returns the number of distinct byte values; -1 for bad arguments, -3 for more workspace, -4
  * when a loss is not finite (every output written). */
 int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const int64_t *bytes,
-                       const float *ucat, const double *alpha, const float *carry, const float *wt,
+                       float *ucat, const double *alpha, const float *carry, const float *wt,
                        const float *b, float *zc, float *logits, float *bits, float *entropy,
                        float *carry_out, const double *traces, double *traces_out, uint8_t *seen,
-                       float *work, int64_t *work_len) {
+                       int pend_count, const float *pend_d, const float *pend_coef,
+                       const int64_t *pend_banks, int32_t *version, float *work, int64_t *work_len) {
     if (n < 1 || K < 1 || K > MAX_BANDS || C < 1 || H < 0 || H > C || act < 0 || act > 2 || !work_len) return -1;
     if (wt && (!b || !logits || !bits || act == 0 || (C != H && C != H + V))) return -1;
     if ((traces_out != NULL) != (traces != NULL)) return -1;
@@ -424,10 +503,13 @@ int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const 
     float decay_n[MAX_BANDS];
     double decay64[MAX_BANDS];
     size_t mk = (size_t)m * K, need = 2 * mk + mk + mk * CB; /* sums (float64), coef, rows */
-    if (!work || *work_len < 0 || (size_t)*work_len < need) {
-        *work_len = (int64_t)need;
+    size_t need_refresh = refresh_work(m, C, pend_count);
+    if (!work || *work_len < 0 || (size_t)*work_len < (need > need_refresh ? need : need_refresh)) {
+        *work_len = (int64_t)(need > need_refresh ? need : need_refresh);
         return -3;
     }
+    pending pd = {pend_count, pend_d, pend_coef, pend_banks, version};
+    refresh_rows(m, values, K, C, bandpass, ucat, &pd, work); /* the rows this chunk reads, up to date */
     double *sums = (double *)work; /* first: 8-byte aligned as the workspace is */
     float *coef = work + 2 * mk, *rows = coef + mk;
     chunk_coefficients(n, m, K, bytes, slot, alpha, sums, coef, decay64, decay_n);
@@ -570,14 +652,18 @@ static void axpy2(int C, float a, const float *x, float b, const float *z, float
  * seen (256 bytes): which byte values have been seen (every byte of the window among them);
  * bank_ref and bank_now (256 x K float64): the trace bank when the window opened and now; alpha (K);
  * coef (K): -eta gamma_obs(k, d) (any nonzero value when eta is 0: the power is measured
- * without it); work, work_len: scratch as in soma_chunk_forward.
+ * without it); pend_d, pend_coef, version (NULL: the rows outside the window move at once):
+ * their move is kept as pending entry pend_count instead (see pending; the caller leaves room
+ * for it, and the window's own rows must be up to date, as the forward passes left them);
+ * work, work_len: scratch as in soma_chunk_forward.
  * Returns 0, -1 for bad arguments, -3 for more workspace. */
 int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, const uint8_t *seen,
                        const double *bank_ref, const double *bank_now, int L,
                        const uint8_t *bytes, int o, const int64_t *obs, const float *hidden,
                        const float *logits, const double *alpha, const float *coef, float eta,
-                       float *ucat, float *w, float *b, float *carry, double *power, float *work,
-                       int64_t *work_len) {
+                       float *ucat, float *w, float *b, float *carry, double *power,
+                       int pend_count, float *pend_d, float *pend_coef, int32_t *version,
+                       float *work, int64_t *work_len) {
     if (K < 1 || K > MAX_BANDS || H < 1 || (C != H && C != H + V) || L < 0 || o < 0 || o > L) return -1;
     if (act < 1 || act > 2 || !work_len) return -1;
     int rows[V], s = 0;
@@ -629,7 +715,7 @@ int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, co
             power[k] += a * a * dd - 2.0 * a * bb * dn_d + bb * bb * nn;
             s_ta += t * a, s_tb += t * bb;
             if (bandpass && k > 0) s_tprev += t * tr[k - 1];
-            if (apply) {
+            if (apply && !pend_d) { /* at once; else as a pending entry (below) */
                 float *row = ucat + ((size_t)rows[r] * K + k) * C;
                 if (next)
                     axpy2(C, coef[k] * (float)a, d, -coef[k] * (float)bb, dn, row);
@@ -694,6 +780,12 @@ int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, co
         }
     }
 
+    if (apply && pend_d) { /* the rows outside the window: entry pend_count (its T_ref: the caller's) */
+        memcpy(pend_d + (size_t)pend_count * KC, grad_carry, KC * sizeof(float));
+        memcpy(pend_coef + (size_t)pend_count * K, coef, (size_t)K * sizeof(float));
+        for (int r = 0; r < s; r++) /* the window's own rows have it already */
+            if (slot[rows[r]] >= 0) version[rows[r]] = pend_count + 1;
+    }
     if (apply && eta != 0.0f) { /* the readout: W -= eta h^T g, b -= eta sum_i g_i */
         gemm(H, V, o, hidden, 1, H, g, ldg, w, V, 1.0f, -eta, NULL, 0);
         for (int i = 0; i < o; i++) axpy(V, -eta, g + (size_t)i * ldg, b);

@@ -315,23 +315,27 @@ def test_check_compatible_lists_every_differing_field():
     ids=["default", "seed-rule-fixed-d"],
 )
 def test_resume_is_exact(tmp_path, lcfg):
-    """Scoring a stream in one run equals two runs split by save/load, byte for byte."""
+    """A learner loaded from a checkpoint continues as the saved one does, byte for byte; and
+    as one never saved, to float32 rounding (saving brings every row up to date: the native
+    kernel defers the moves of rows outside a window, learner.params)."""
     stream = TEXT[:2500] + random_bytes(300, seed=5) + repetitive_bytes(1200)
     cut = 1777  # not a multiple of any chunk size
 
+    def rest(learner: SomaLearner) -> torch.Tensor:
+        return torch.cat([learner.learn(stream[cut:2900]), learner.score(stream[2900:3400]), learner.learn(stream[3400:])])
+
     one = SomaLearner(preset("tiny"), lcfg)
     first = one.learn(stream[:cut])
-    rest_one = torch.cat([one.learn(stream[cut:2900]), one.score(stream[2900:3400]), one.learn(stream[3400:])])
+    rest_one = rest(one)
 
     two = SomaLearner(preset("tiny"), lcfg)
     assert torch.equal(two.learn(stream[:cut]), first)
     save_checkpoint(tmp_path / "half.pt", two)
-    del two
     resumed = load_learner(tmp_path / "half.pt")
-    rest_two = torch.cat([resumed.learn(stream[cut:2900]), resumed.score(stream[2900:3400]), resumed.learn(stream[3400:])])
+    rest_two, rest_resumed = rest(two), rest(resumed)
 
-    assert torch.allclose(rest_one, rest_two, rtol=0, atol=1e-6)
-    assert torch.equal(rest_one, rest_two)  # in fact bit for bit: the carried state is saved too
+    assert torch.equal(rest_two, rest_resumed)  # bit for bit: the carried state is saved too
+    assert torch.allclose(rest_one, rest_resumed, rtol=0, atol=1e-4)
     assert resumed.bytes_seen == one.bytes_seen == len(stream)
 
 

@@ -3,6 +3,7 @@ building, finding and refusing libraries."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -353,3 +354,46 @@ def test_a_nan_weight_is_a_numerical_fault(recurrence, activation, where):
     learner.sync_carry()
     with pytest.raises(NumericalFault, match="non-finite"):
         learner.learn(b"abc")
+
+
+@pytest.mark.parametrize("metabolism", [MetabolismConfig(mode="fixed", d=0.0), MetabolismConfig(rise_bytes=256.0, progress_z=1e9)], ids=["d0", "adaptive"])
+def test_deferred_row_moves_equal_moving_every_row_at_once(recurrence, monkeypatch, metabolism):
+    """Rows outside a window move when next read (recurrence.c, "pending"): with room for 2 and
+    for 64 entries (full refreshes often, and rarely) the learner makes the same predictions and
+    ends with the same weights as one that moves every row at each update."""
+    cfg = SomaConfig(n_bands=10, hidden_dim=24)
+    data = repetitive_bytes(3000, b"temp=21.5;hum=40\n") + random_bytes(1500, seed=2, alphabet=60) + repetitive_bytes(2000, b"x=1,y=2\n")
+    runs = {}
+    for name, entries in (("eager", None), ("2 entries", 2), ("64 entries", 64)):
+        if entries is not None:
+            monkeypatch.setattr(native.PendingRows, "MAX_ENTRIES", entries)
+        learner = SomaLearner(cfg, LearnerConfig(batch=8, max_chunk=32, window_bytes=96, metabolism=metabolism), params=random_params(cfg, scale=0.3))
+        if entries is None:
+            learner._pending = None  # every row moved by the update itself
+        else:
+            assert learner._pending.capacity == entries
+        runs[name] = (learner.learn(data), learner)
+    bits, eager = runs["eager"]
+    for name in ("2 entries", "64 entries"):
+        other_bits, other = runs[name]
+        assert other.updates == eager.updates > 100
+        assert (other_bits - bits).abs().max().item() < 1e-3
+        torch.testing.assert_close(other.params.ucat, eager.params.ucat, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(other.carry, eager.carry, rtol=1e-4, atol=1e-5)
+    assert runs["64 entries"][1]._pending.count == 0  # reading params brought every row up to date
+
+
+def test_a_copied_learner_keeps_its_pending_rows(recurrence):
+    """Deferred row moves keep the trace banks they need by reference and their addresses;
+    a deep copy or a pickle has its own, and continues exactly as the original."""
+    import pickle
+
+    learner = SomaLearner(SomaConfig(n_bands=6, hidden_dim=8), LearnerConfig(metabolism=MetabolismConfig(mode="fixed", d=0.0)))
+    learner.learn(random_bytes(3000, seed=3, alphabet=50))
+    assert learner._pending.count > 0
+    twins = [copy.deepcopy(learner), pickle.loads(pickle.dumps(learner))]
+    tail = random_bytes(500, seed=4, alphabet=50)
+    want = learner.learn(tail)
+    for twin in twins:
+        assert twin._pending.bank_ptrs[0] != learner._pending.bank_ptrs[0]
+        assert torch.equal(twin.learn(tail), want)
