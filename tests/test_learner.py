@@ -204,7 +204,7 @@ def test_every_byte_is_scored_before_it_is_learned():
         frozen = copy.deepcopy(stepper)
         before = frozen.score(chunk)
         stepper._step(buf[pos : pos + len(chunk)], True)
-        torch.testing.assert_close(learned[pos : pos + len(chunk)], before, rtol=0, atol=1e-6)
+        torch.testing.assert_close(learned[pos : pos + len(chunk)], before, rtol=0, atol=1e-5)  # float32 rounding of ~8 bits: ulps
         # control: the weights after the chunk would have scored it differently
         frozen.params = stepper.params.clone()
         frozen.sync_carry()
