@@ -61,7 +61,6 @@ from .model import (
     output_gradient,
     project_rows,
     read_rows,
-    readout,
 )
 
 
@@ -584,11 +583,11 @@ class SomaLearner:
         """``_step`` on the compiled kernel: one call scores the chunk (through to each byte's
         loss) and gives the trace bank's and P's moves past it; the window keeps the chunk's
         bytes, and h and the logits at its observations, and its update is one more call
-        (``ObservationWindow``). When learning, the metabolism judges
-        the chunk in pieces of max_chunk bytes, as it judges the torch path's chunks, so a
-        long chunk does not make it slower to react; if a piece moves d while the window holds
-        observations, the chunk ends there (the rest, scored with weights about to change, is
-        dropped and comes back as the next chunk). Returns the losses of the bytes it took."""
+        (``ObservationWindow``). When learning, the metabolism judges the chunk in pieces of
+        max_chunk bytes, as it judges the torch path's chunks, so a long chunk does not make it
+        slower to react; if a piece moves d while the window holds observations, the chunk ends
+        there (the rest, scored with weights about to change, is dropped and comes back as the
+        next chunk). Returns the losses of the bytes it took."""
         t0 = time.perf_counter()
         n = chunk.numel()
         update_every_chunk = learn and self._chunk_holds_batch()
@@ -784,8 +783,9 @@ class SomaLearner:
 
     def _apply_rows(self, seen_idx: torch.Tensor, t_ref: torch.Tensor, carry_grad: torch.Tensor, own: torch.Tensor, own_values: torch.Tensor, coef64: torch.Tensor, apply: bool) -> torch.Tensor:
         """The Ucat rows' part of ``_apply_window`` as tensor operations (the torch path; the
-        native kernel does the same in one call, ``Recurrence.window_update``): move the seen rows by delta and P with
-        them (if ``apply``); return the gradient power per band (K,) float64."""
+        native kernel does the same in one call, ``Recurrence.window_update``): move the seen
+        rows by delta and P with them (if ``apply``); return the gradient power per band (K,)
+        float64."""
         cfg = self.cfg
         k, c = cfg.n_bands, cfg.out_dim
         coef = coef64.to(torch.float32)

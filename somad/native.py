@@ -1,13 +1,15 @@
-"""soma's per-byte recurrence (and the fused weight update) in C (``recurrence.c``), built on
-the device at first use.
+"""soma's forward pass and weight update in C (``recurrence.c``), built on the device at first use.
 
 Why: the torch path (``model.forward_modes``) scores a chunk with lag-mode GEMMs, about
 140 k multiply-adds per byte for ``small``; the exact recurrence P_j <- alpha_j P_j +
 (1 - alpha_j) U~[x, j] needs 2 K C (18 k), but one byte after another, which only compiled
-code does fast. Measured in ``bench/throughput`` (README). The weight update
-(``Recurrence.window_update``) takes a window's bytes and output gradients and does the rest
-in one call: the window's own traces, the gradients in trace space and one pass over the seen
-rows (the torch path needs kernels, a window of stored features and a dozen tensor operations).
+code does fast. ``Recurrence.run_chunk`` runs a chunk through to each byte's loss in one call;
+``Recurrence.window_update`` takes a window's bytes and, at each observation, h and the logits,
+and does the rest in another: output gradients, the window's own traces, the gradients in
+trace space, the rows, W, b and P (the torch path needs kernels, a window of stored features
+and a dozen tensor operations); rows outside the window are moved later, batched
+(``PendingRows``). Measured in ``bench/throughput`` (README). The library allocates nothing:
+the caller passes a ``Workspace``.
 
 How: the C file is compiled with the system's C compiler (``$CC``, else ``cc``) into a shared
 library loaded with ctypes (no Python headers, no torch headers: a second or less to build).
