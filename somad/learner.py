@@ -508,8 +508,10 @@ class SomaLearner:
     def _run(self, data, learn: bool, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(bits, entropy or None) of every byte of ``data``, chunk by chunk."""
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if len(data) else torch.zeros(0, dtype=torch.long)
-        out = torch.empty(buf.numel())
         entropy = torch.empty(buf.numel()) if with_entropy else None
+        if not learn and self._recurrence is not None and buf.numel():
+            return self._score_native(buf, entropy), entropy
+        out = torch.empty(buf.numel())
         pos = 0
         while pos < buf.numel():
             n = self._learn_chunk_length() if learn else self._score_chunk
@@ -521,6 +523,23 @@ class SomaLearner:
             pos = end
             self.chunks += 1
         return out, entropy
+
+    def _score_native(self, buf: torch.Tensor, entropy_out: torch.Tensor | None) -> torch.Tensor:
+        """Scoring on the native kernel: every chunk of ``buf`` (score_chunk bytes) in one C call,
+        the metabolism then told of each chunk as before. Returns the losses."""
+        cfg, params = self.cfg, self._params
+        step = self._recurrence.score_chunks(buf, self._score_chunk, params.ucat, self.alpha, self.carry.contiguous(), cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out, self._pending)
+        if not step.finite:
+            raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
+        self.traces = step.traces
+        n, size = buf.numel(), self._score_chunk
+        chunks = -(-n // size)
+        self._chunks_since_sync += chunks - 1  # the chunks this call ran (_next_carry counts the last)
+        self._next_carry(step.carry)
+        for a in range(0, n, size):
+            self._account(step.bits[a : a + size], 0, 0.0)
+        self.chunks += chunks
+        return step.bits
 
     def _learn_chunk_length(self) -> int:
         """Bytes of the next learning chunk: about ``batch`` observations, at most max_chunk. On

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # torch is imported when a chunk is run: building needs only 
     import torch
 
 SOURCE = Path(__file__).with_name("recurrence.c")
-ABI_VERSION = 9  # soma_abi_version() of a library this module can call
+ABI_VERSION = 10  # soma_abi_version() of a library this module can call
 # -ffp-contract=fast: a * p + u as one fused multiply-add (ISO C modes leave it off)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")
 PORTABLE_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # when the compiler knows no -march=native
@@ -73,6 +73,17 @@ class ChunkPass:
     entropy: torch.Tensor | None  # (n,) float32: each prediction's entropy in bits, if asked for
     carry: torch.Tensor  # (K, C) float32: the carried state P after the chunk
     traces: torch.Tensor  # (256, K) float64: the trace bank after the chunk
+    finite: bool  # every loss finite
+
+
+@dataclass
+class ScorePass:
+    """What one scoring call computes for n bytes (recurrence.c, soma_score_chunks)."""
+
+    bits: torch.Tensor  # (n,) float32: each byte's loss in bits
+    entropy: torch.Tensor | None  # (n,) float32: each prediction's entropy in bits, if asked for
+    carry: torch.Tensor  # (K, C) float32: the carried state P after the last byte
+    traces: torch.Tensor  # (256, K) float64: the trace bank after the last byte
     finite: bool  # every loss finite
 
 
@@ -177,6 +188,10 @@ class Recurrence:
         update.restype = ctypes.c_int
         update.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 5
         self._update = update
+        score = lib.soma_score_chunks
+        score.restype = ctypes.c_int
+        score.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 12 + [ctypes.c_int] + [ctypes.c_void_p] * 6
+        self._score = score
         refresh = lib.soma_rows_refresh
         refresh.restype = ctypes.c_int
         refresh.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 6
@@ -224,6 +239,28 @@ class Recurrence:
             _require("entropy", entropy, torch.float32, (n,))
         out = ChunkPass(torch.empty(n, c), torch.empty(n, 256), torch.empty(n), entropy, torch.empty(k, c), torch.empty(256, k, dtype=torch.float64), True)
         rc = self._call(work, chunk, ucat, alpha, carry, bandpass, out.zc, hidden, ACTIVATIONS[activation], w, b, out.logits, out.bits, entropy, out.carry, traces, out.traces, seen, pending)
+        out.finite = rc != NOT_FINITE
+        if pending is not None and pending.count:
+            _mark_written(ucat)
+        return out
+
+    def score_chunks(self, data: torch.Tensor, chunk: int, ucat: torch.Tensor, alpha: torch.Tensor, carry: torch.Tensor, bandpass: bool, hidden: int, activation: str, w: torch.Tensor, b: torch.Tensor, traces: torch.Tensor, seen: torch.Tensor, work: Workspace, entropy: torch.Tensor | None = None, pending: PendingRows | None = None) -> ScorePass:
+        """``run_chunk`` over ``data`` (n >= 1) in chunks of ``chunk`` bytes in one call, scoring
+        only (nobody gets h or the logits): each byte's loss, and the carried state and trace
+        bank after the last byte (arguments as ``run_chunk``'s)."""
+        import torch
+
+        self._check(data, ucat, alpha, carry)
+        (k, c), n = carry.shape, data.numel()
+        for name, tensor, dtype, shape in (("w", w, torch.float32, (hidden, 256)), ("b", b, torch.float32, (256,)), ("traces", traces, torch.float64, (256, k)), ("seen", seen, torch.bool, (256,))):
+            _require(name, tensor, dtype, shape)
+        if entropy is not None:
+            _require("entropy", entropy, torch.float32, (n,))
+        out = ScorePass(torch.empty(n), entropy, torch.empty(k, c), torch.empty(256, k, dtype=torch.float64), True)
+        pointers = [None if t is None else t.data_ptr() for t in (data, ucat, alpha, carry, w, b, out.bits, entropy, out.carry, traces, out.traces, seen)]
+        rc = work.call(self._score, n, chunk, k, c, hidden, int(bandpass), ACTIVATIONS[activation], *pointers, *_pending_pointers(pending, k, c, with_banks=True))
+        if rc < 0 and rc != NOT_FINITE:
+            raise ValueError(f"soma_score_chunks: bad arguments (n={n}, chunk={chunk}, K={k}, C={c}, bytes 0..255)")
         out.finite = rc != NOT_FINITE
         if pending is not None and pending.count:
             _mark_written(ucat)

@@ -33,7 +33,7 @@
 #define MAX_BANDS 64   /* SomaConfig allows n_bands 1..64 */
 #define V 256
 
-int soma_abi_version(void) { return 9; }
+int soma_abi_version(void) { return 10; }
 
 /* SIMD through GCC/clang vector extensions (no intrinsics: the same code on x86 and Arm), a
  * vector as wide as the target's registers. */
@@ -468,6 +468,13 @@ int soma_rows_refresh(int K, int C, int bandpass, float *ucat, const uint8_t *se
     return 0;
 }
 
+/* Floats of scratch soma_chunk_forward needs for a chunk of m distinct byte values: its sums
+ * (float64), coefficients and mixed rows, or the rows' refresh, whichever is more. */
+static size_t forward_work(int m, int K, int C, int pend_count) {
+    size_t mk = (size_t)m * K, own = 2 * mk + mk + mk * CB, refresh = refresh_work(m, C, pend_count);
+    return own > refresh ? own : refresh;
+}
+
 /* The forward pass of a chunk of n bytes, and the moves of the trace bank and of P past it.
  *   zc (n x C): row t = sum_j P_j before byte t, P entering as carry (K x C); then, for
  *     act 1 (tanh) or 2 (relu), the first H columns hold the hidden units' activations h.
@@ -502,10 +509,9 @@ int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const 
     for (int j = 0; j < K; j++) gain[j] = (float)(1.0 - alpha[j]);
     float decay_n[MAX_BANDS];
     double decay64[MAX_BANDS];
-    size_t mk = (size_t)m * K, need = 2 * mk + mk + mk * CB; /* sums (float64), coef, rows */
-    size_t need_refresh = refresh_work(m, C, pend_count);
-    if (!work || *work_len < 0 || (size_t)*work_len < (need > need_refresh ? need : need_refresh)) {
-        *work_len = (int64_t)(need > need_refresh ? need : need_refresh);
+    size_t mk = (size_t)m * K, need = forward_work(m, K, C, pend_count);
+    if (!work || *work_len < 0 || (size_t)*work_len < need) {
+        *work_len = (int64_t)need;
         return -3;
     }
     pending pd = {pend_count, pend_d, pend_coef, pend_banks, version};
@@ -536,6 +542,43 @@ int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const 
     /* logits = (direct logits + b, or b for every row) + h W */
     gemm(n, V, H, zc, C, 1, wt, V, logits, V, 1.0f, 1.0f, C > H ? zc + H : b, C > H ? (size_t)C : 0);
     return losses(n, logits, bytes, bits, entropy) ? -4 : m;
+}
+
+/* Scoring only: n bytes in chunks of ``chunk`` (the last shorter), soma_chunk_forward on each
+ * in turn, its h and logits kept in the workspace (nobody asked for them), the trace bank and
+ * P carried from one to the next: one call where a call per chunk would cost its wrapper's
+ * time each. bits (n), entropy (n or NULL): as soma_chunk_forward's. carry_out (K x C) and
+ * traces_out (256 x K) receive P and the trace bank after the last byte (they may be carry
+ * and traces). Returns 0, -1 for bad arguments, -3 for more workspace, -4 when a loss is not
+ * finite (every output written). */
+int soma_score_chunks(int n, int chunk, int K, int C, int H, int bandpass, int act,
+                      const int64_t *bytes, float *ucat, const double *alpha, const float *carry,
+                      const float *wt, const float *b, float *bits, float *entropy,
+                      float *carry_out, const double *traces, double *traces_out, uint8_t *seen,
+                      int pend_count, const float *pend_d, const float *pend_coef,
+                      const int64_t *pend_banks, int32_t *version, float *work, int64_t *work_len) {
+    if (n < 1 || chunk < 1 || K < 1 || K > MAX_BANDS || C < 1 || !wt || !b || !bits || !carry_out || !traces || !traces_out || !work_len)
+        return -1;
+    int len = n < chunk ? n : chunk, most = len < V ? len : V; /* a chunk's length, and its distinct values at most */
+    size_t inner = forward_work(most, K, C, pend_count), need = inner + (size_t)len * C + (size_t)len * V;
+    if (!work || *work_len < 0 || (size_t)*work_len < need) {
+        *work_len = (int64_t)need;
+        return -3;
+    }
+    float *zc = work + inner, *logits = zc + (size_t)len * C; /* the forward's own scratch first: 8-byte aligned */
+    if (carry_out != carry) memcpy(carry_out, carry, (size_t)K * C * sizeof(float));
+    if (traces_out != traces) memcpy(traces_out, traces, (size_t)V * K * sizeof(double));
+    int bad = 0;
+    for (int t0 = 0; t0 < n; t0 += chunk) {
+        int m = n - t0 < chunk ? n - t0 : chunk;
+        int64_t room = (int64_t)inner;
+        int rc = soma_chunk_forward(m, K, C, H, bandpass, act, bytes + t0, ucat, alpha, carry_out, wt, b, zc,
+                                    logits, bits + t0, entropy ? entropy + t0 : NULL, carry_out, traces_out,
+                                    traces_out, seen, pend_count, pend_d, pend_coef, pend_banks, version, work, &room);
+        if (rc == -4) bad = 1;
+        else if (rc < 0) return -1; /* the workspace was sized for any chunk: only bad arguments are left */
+    }
+    return bad ? -4 : 0;
 }
 
 /* The window's distinct byte values: slot[v] their index in order of first appearance, -1
