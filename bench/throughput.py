@@ -358,7 +358,7 @@ def render(meta: dict, modes: list[dict], peak: float, rss: dict | None) -> str:
         f"FLOP bound: single-thread fp32 GEMM 256x384 @ 384x384 on this machine = {peak:.1f} GFLOP per CPU-second;"
         " 'within Nx' = that / (2 * MACs/byte * bytes/CPU-s).",
         "MACs/byte: macs_per_byte(cfg, distinct/chunk, chunk, obs/byte, kernel) of that version's somad.model, chunk = mean chunk"
-        " length the learner used in that mode (when scoring: max_chunk, or 1024 bytes on the native kernel; when learning at high d: max_chunk,"
+        " length the learner used in that mode (when scoring: max_chunk, or 512 bytes on the native kernel; when learning at high d: max_chunk,"
         " or on the native kernel up to the window's update, window_bytes; batch at d = 0).",
     ]
     if with_impl:

@@ -65,11 +65,14 @@ from .model import (
 
 
 KERNELS = ("auto", "native", "torch")
-# Bytes per chunk when scoring with the native kernel. Its cost per byte does not grow with the
-# chunk (the torch path's lag modes do, and its kernels take O(K n^2) memory, hence max_chunk),
-# so longer chunks only spread the fixed cost of a call: small on the NAB csv scored 460 / 545
-# / 600 / 590 KB per CPU-second at 256 / 512 / 1024 / 2048 bytes (one run, the same machine).
-NATIVE_SCORE_CHUNK = 1024
+# Bytes per chunk when scoring with the native kernel (all chunks of a score() call in one C
+# call: soma_score_chunks). Its cost per byte does not grow with the chunk (the torch path's lag
+# modes do, and its kernels take O(K n^2) memory, hence max_chunk); longer chunks spread the
+# rows' mixing, shorter ones keep the chunk's h and logits in cache: small on the NAB csv
+# scored 890 / 920 / 891 / 812 / 752 KB per CPU-second at 256 / 512 / 1024 / 2048 / 4096 bytes
+# (one run; before the one call, when each chunk cost a call: 460 / 545 / 600 / 590 at 256 ..
+# 2048).
+NATIVE_SCORE_CHUNK = 512
 # The most bytes a native learning chunk holds (one runs to the window's update at window_bytes,
 # see _learn_chunk_length); window buffers hold a chunk more than the longest window.
 NATIVE_LEARN_CHUNK = 512
