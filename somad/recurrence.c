@@ -55,6 +55,7 @@ static inline vec vclamp(vec x, float lo, float hi) { return vselect(x > hi, (ve
 
 #define RCB (2 * VW) /* columns of a register block of the recurrence (two vectors) */
 #define TILE 64      /* bytes per tile: the tile's sums (TILE x RCB floats) stay in L1 */
+#define LOSS_ROWS 64 /* rows of logits made, then turned into losses, at a time */
 
 /* The chunk's distinct byte values in order of first appearance; slot[v] = index, -1 if absent. */
 static int chunk_values(int n, const int64_t *bytes, int *slot, int *values) {
@@ -160,7 +161,42 @@ static void run_group(int t0, int t1, int n, const int64_t *bytes, const int *sl
     vstore(st + VW, b0), vstore(st + RCB + VW, b1), vstore(st + 2 * RCB + VW, b2), vstore(st + 3 * RCB + VW, b3);
 }
 
-/* run_group for one band (those left over when 4 does not divide K). */
+#if defined(__AVX512F__) || defined(__aarch64__)
+/* run_group for eight bands, on targets with 32 vector registers (16 chains, one z update per
+ * eight bands: 6 % faster than two groups of four on this project's AVX-512 VM). */
+#define GROUP 8
+static void run_group8(int t0, int t1, int n, const int64_t *bytes, const int *slot, int K, int j0,
+                       int r0, const float *rows, const float *gain, float *st, float *z, size_t zs) {
+    vec a0 = vload(st), a1 = vload(st + RCB), a2 = vload(st + 2 * RCB), a3 = vload(st + 3 * RCB);
+    vec a4 = vload(st + 4 * RCB), a5 = vload(st + 5 * RCB), a6 = vload(st + 6 * RCB), a7 = vload(st + 7 * RCB);
+    vec b0 = vload(st + VW), b1 = vload(st + RCB + VW), b2 = vload(st + 2 * RCB + VW), b3 = vload(st + 3 * RCB + VW);
+    vec b4 = vload(st + 4 * RCB + VW), b5 = vload(st + 5 * RCB + VW), b6 = vload(st + 6 * RCB + VW), b7 = vload(st + 7 * RCB + VW);
+    const float *g = gain + j0;
+    for (int t = t0; t < t1; t++) {
+        float *zt = z + (size_t)(t - t0) * zs;
+        vstore(zt, vload(zt) + (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))));
+        vstore(zt + VW, vload(zt + VW) + (((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))));
+        if (t + 1 == n) break;
+        const float *u = rows + ((size_t)slot[bytes[t]] * K + j0) * CB + r0;
+        a0 += vload(u) - g[0] * a0, b0 += vload(u + VW) - g[0] * b0;
+        a1 += vload(u + CB) - g[1] * a1, b1 += vload(u + CB + VW) - g[1] * b1;
+        a2 += vload(u + 2 * CB) - g[2] * a2, b2 += vload(u + 2 * CB + VW) - g[2] * b2;
+        a3 += vload(u + 3 * CB) - g[3] * a3, b3 += vload(u + 3 * CB + VW) - g[3] * b3;
+        a4 += vload(u + 4 * CB) - g[4] * a4, b4 += vload(u + 4 * CB + VW) - g[4] * b4;
+        a5 += vload(u + 5 * CB) - g[5] * a5, b5 += vload(u + 5 * CB + VW) - g[5] * b5;
+        a6 += vload(u + 6 * CB) - g[6] * a6, b6 += vload(u + 6 * CB + VW) - g[6] * b6;
+        a7 += vload(u + 7 * CB) - g[7] * a7, b7 += vload(u + 7 * CB + VW) - g[7] * b7;
+    }
+    vstore(st, a0), vstore(st + RCB, a1), vstore(st + 2 * RCB, a2), vstore(st + 3 * RCB, a3);
+    vstore(st + 4 * RCB, a4), vstore(st + 5 * RCB, a5), vstore(st + 6 * RCB, a6), vstore(st + 7 * RCB, a7);
+    vstore(st + VW, b0), vstore(st + RCB + VW, b1), vstore(st + 2 * RCB + VW, b2), vstore(st + 3 * RCB + VW, b3);
+    vstore(st + 4 * RCB + VW, b4), vstore(st + 5 * RCB + VW, b5), vstore(st + 6 * RCB + VW, b6), vstore(st + 7 * RCB + VW, b7);
+}
+#else
+#define GROUP 4
+#endif
+
+/* run_group for one band (those left over when groups do not divide K). */
 static void run_band(int t0, int t1, int n, const int64_t *bytes, const int *slot, int K, int j,
                      int r0, const float *rows, const float *gain, float *st, float *z, size_t zs) {
     vec a = vload(st), b = vload(st + VW);
@@ -200,6 +236,10 @@ static void run_block(int n, const int64_t *bytes, const int *slot, int K, int C
                 vstore(z + (t - t0) * zs + VW, z1);
             }
             int j0 = 0;
+#if GROUP == 8
+            for (; j0 + 8 <= K; j0 += 8)
+                run_group8(t0, t1, n, bytes, slot, K, j0, r0, rows, gain, st + j0 * RCB, z, zs);
+#endif
             for (; j0 + 4 <= K; j0 += 4)
                 run_group(t0, t1, n, bytes, slot, K, j0, r0, rows, gain, st + j0 * RCB, z, zs);
             for (; j0 < K; j0++)
@@ -539,9 +579,16 @@ int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const 
     }
     activate(n, C, H, act, zc);
     if (!wt) return m;
-    /* logits = (direct logits + b, or b for every row) + h W */
-    gemm(n, V, H, zc, C, 1, wt, V, logits, V, 1.0f, 1.0f, C > H ? zc + H : b, C > H ? (size_t)C : 0);
-    return losses(n, logits, bytes, bits, entropy) ? -4 : m;
+    /* logits = (direct logits + b, or b for every row) + h W, and the losses, by blocks of
+     * rows: a block's logits are still in cache when its losses read them */
+    int bad = 0;
+    for (int t0 = 0; t0 < n; t0 += LOSS_ROWS) {
+        int rows_here = n - t0 < LOSS_ROWS ? n - t0 : LOSS_ROWS;
+        const float *cin = C > H ? zc + (size_t)t0 * C + H : b;
+        gemm(rows_here, V, H, zc + (size_t)t0 * C, C, 1, wt, V, logits + (size_t)t0 * V, V, 1.0f, 1.0f, cin, C > H ? (size_t)C : 0);
+        bad += losses(rows_here, logits + (size_t)t0 * V, bytes + t0, bits + t0, entropy ? entropy + t0 : NULL);
+    }
+    return bad ? -4 : m;
 }
 
 /* Scoring only: n bytes in chunks of ``chunk`` (the last shorter), soma_chunk_forward on each
