@@ -529,7 +529,9 @@ class SomaLearner:
 
     def _score_native(self, buf: torch.Tensor, entropy_out: torch.Tensor | None) -> torch.Tensor:
         """Scoring on the native kernel: every chunk of ``buf`` (score_chunk bytes) in one C call,
-        the metabolism then told of each chunk as before. Returns the losses."""
+        the metabolism then told of all its bytes at once (its averages are exact over any
+        split; only d's steps come a call apart, not a chunk: while scoring, d only waits for
+        learning to resume). Returns the losses."""
         cfg, params = self.cfg, self._params
         step = self._recurrence.score_chunks(buf, self._score_chunk, params.ucat, self.alpha, self.carry.contiguous(), cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out, self._pending)
         if not step.finite:
@@ -539,8 +541,7 @@ class SomaLearner:
         chunks = -(-n // size)
         self._chunks_since_sync += chunks - 1  # the chunks this call ran (_next_carry counts the last)
         self._next_carry(step.carry)
-        for a in range(0, n, size):
-            self._account(step.bits[a : a + size], 0, 0.0)
+        self._account(step.bits, 0, 0.0)
         self.chunks += chunks
         return step.bits
 
