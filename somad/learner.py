@@ -113,7 +113,26 @@ class NumericalFault(RuntimeError):
     """The model produced NaN/Inf: the caller should roll back to a good checkpoint."""
 
 
-class GradientWindow:
+class _Window:
+    """What both windows keep of the observations not yet learned from: when and how they
+    opened (the trace bank then, their band d and learning-rate scale) and how much they hold."""
+
+    def __init__(self) -> None:
+        self.start: torch.Tensor | None = None  # trace bank when the window opened (None: closed)
+        self.d = 0.0  # decimation band of its observations (gamma_obs is applied at the update)
+        self.eta_scale = 1.0  # learning-rate scale of its observations
+        self.bytes = 0  # bytes since it opened
+        self.observations = 0  # observations stored so far
+
+    @property
+    def open(self) -> bool:
+        return self.start is not None
+
+    def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
+        self.start, self.d, self.eta_scale = traces, d, eta_scale
+
+
+class GradientWindow(_Window):
     """Observations not yet learned from: one update's worth, possibly over many chunks.
 
     The gradient for Ucat row (v, k) is sum over observed t of x_t[v, k] dZ_t, x_t the features
@@ -131,6 +150,7 @@ class GradientWindow:
     """
 
     def __init__(self, cfg: SomaConfig, capacity: int, max_observations: int):
+        super().__init__()
         k = cfg.n_bands
         self.capacity = capacity  # distinct byte values one window can hold
         self.slot_of = torch.full((V,), -1, dtype=torch.long)  # byte value -> slot, -1 if none
@@ -143,24 +163,12 @@ class GradientWindow:
         self.g = torch.zeros(max_observations, V)  # per observation: g_t; dZ_t = [dz_t | g_t] with a direct readout
         self.direct = cfg.direct_readout
         self.decay = torch.ones(k, dtype=torch.float64)  # alpha^(bytes since the window opened)
-        self.start: torch.Tensor | None = None  # trace bank when the window opened (None: closed)
         self.used = 0  # slots in use
-        self.observations = 0  # observations stored so far
-        self.d = 0.0  # decimation band of its observations (gamma_obs is applied at the update)
-        self.eta_scale = 1.0  # learning-rate scale of its observations
-        self.bytes = 0  # bytes since it opened
-
-    @property
-    def open(self) -> bool:
-        return self.start is not None
 
     @property
     def span(self) -> int:
         """Bytes since its first observation's chunk (what window_bytes bounds)."""
         return self.bytes
-
-    def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
-        self.start, self.d, self.eta_scale = traces, d, eta_scale
 
     def has_room(self, uniq: torch.Tensor) -> bool:
         """Whether a chunk with the distinct values ``uniq`` fits (slots for its new values)."""
@@ -230,7 +238,7 @@ class GradientWindow:
         self.bytes = 0
 
 
-class ObservationWindow:
+class ObservationWindow(_Window):
     """Observations not yet learned from, on the native kernel: the bytes read since the window
     opened, which of them were observations, and what the forward pass gave there (h_t and the
     logits). ``Recurrence.window_update`` derives everything else in one call at the update:
@@ -242,31 +250,20 @@ class ObservationWindow:
     """
 
     def __init__(self, cfg: SomaConfig, capacity: int, max_observations: int):
+        super().__init__()
         self.capacity = capacity
         self.max_observations = max_observations
         self.data = torch.zeros(capacity, dtype=torch.uint8)  # the bytes since it opened
         self.positions = torch.zeros(max_observations, dtype=torch.long)  # per observation: its byte in data
         self.hidden = torch.zeros(max_observations, cfg.hidden_dim)  # per observation: h_t
         self.logits = torch.zeros(max_observations, V)  # per observation: the logits that predicted its byte
-        self.start: torch.Tensor | None = None  # trace bank when the window opened (None: closed)
-        self.d = 0.0  # decimation band of its observations
-        self.eta_scale = 1.0  # learning-rate scale of its observations
-        self.bytes = 0  # bytes since it opened
-        self.lead = 0  # of those, the bytes before the piece of its first observation
-        self.observations = 0  # observations stored so far
-
-    @property
-    def open(self) -> bool:
-        return self.start is not None
+        self.lead = 0  # of the bytes since it opened, those before the piece of its first observation
 
     @property
     def span(self) -> int:
         """Bytes since the piece of its first observation (what window_bytes bounds): a window
         opens with its chunk, but the torch path's would open with that piece, its own chunk."""
         return self.bytes - self.lead
-
-    def begin(self, traces: torch.Tensor, d: float, eta_scale: float) -> None:
-        self.start, self.d, self.eta_scale = traces, d, eta_scale
 
     def has_room(self, n: int, o: int) -> bool:
         """Whether a chunk of n more bytes with o observations fits."""

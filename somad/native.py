@@ -173,6 +173,13 @@ class PendingRows:
         self.bank_ptrs = torch.tensor([0 if b is None else b.data_ptr() for b in self.banks], dtype=torch.int64)
 
 
+def _bind(fn, argtypes: list):
+    """A C function of the library, typed: it returns an int status, takes ``argtypes``."""
+    fn.restype = ctypes.c_int
+    fn.argtypes = argtypes
+    return fn
+
+
 class Recurrence:
     """The loaded library: ``preactivations`` / ``run_chunk`` for a chunk's forward pass,
     ``window_update`` for a weight update. Thread-safe (no shared state; ctypes releases the GIL
@@ -180,22 +187,11 @@ class Recurrence:
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
-        fn = lib.soma_chunk_forward
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 14 + [ctypes.c_int] + [ctypes.c_void_p] * 6
-        self._fn = fn
-        update = lib.soma_window_update
-        update.restype = ctypes.c_int
-        update.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 5
-        self._update = update
-        score = lib.soma_score_chunks
-        score.restype = ctypes.c_int
-        score.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 12 + [ctypes.c_int] + [ctypes.c_void_p] * 6
-        self._score = score
-        refresh = lib.soma_rows_refresh
-        refresh.restype = ctypes.c_int
-        refresh.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 6
-        self._refresh = refresh
+        i, p = ctypes.c_int, ctypes.c_void_p
+        self._fn = _bind(lib.soma_chunk_forward, [i] * 6 + [p] * 14 + [i] + [p] * 6)
+        self._update = _bind(lib.soma_window_update, [i] * 6 + [p] * 3 + [i, p, i] + [p] * 5 + [ctypes.c_float] + [p] * 5 + [i] + [p] * 5)
+        self._score = _bind(lib.soma_score_chunks, [i] * 7 + [p] * 12 + [i] + [p] * 6)
+        self._refresh = _bind(lib.soma_rows_refresh, [i] * 3 + [p] * 2 + [i] + [p] * 6)
 
     def __deepcopy__(self, memo: dict) -> Recurrence:  # stateless: copies of a learner share it
         return self
