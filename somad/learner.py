@@ -849,12 +849,3 @@ def learner_state_shapes(cfg: SomaConfig) -> dict[str, tuple[tuple[int, ...], to
     if cfg.direct_readout:
         shapes["Wd"] = ((V * k, V), torch.float32)
     return shapes
-
-
-def online_bits_per_byte(learner: SomaLearner, data: bytes, chunk: int = 1 << 16) -> float:
-    """Mean bits/byte of learning through ``data`` (every byte scored before it is learned)."""
-    total = 0.0
-    for i in range(0, len(data), chunk):
-        total += float(learner.learn(data[i : i + chunk]).double().sum())
-    return total / max(1, len(data))
-
