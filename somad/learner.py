@@ -530,9 +530,7 @@ class SomaLearner:
         split; only d's steps come a call apart, not a chunk: while scoring, d only waits for
         learning to resume). Returns the losses."""
         cfg, params = self.cfg, self._params
-        step = self._recurrence.score_chunks(buf, self._score_chunk, params.ucat, self.alpha, self.carry.contiguous(), cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out, self._pending)
-        if not step.finite:
-            raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
+        step = self._finite(self._recurrence.score_chunks(buf, self._score_chunk, params.ucat, self.alpha, self.carry.contiguous(), cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out, self._pending))
         self.traces = step.traces
         n, size = buf.numel(), self._score_chunk
         chunks = -(-n // size)
@@ -557,7 +555,7 @@ class SomaLearner:
         window and apply the window once it holds ``batch`` observations. ``entropy_out``
         (n,), if given, receives the entropy in bits of each byte's prediction."""
         if self._recurrence is not None:
-            return self._step_native(chunk, learn, entropy_out)
+            return self._step_native(chunk, entropy_out) if learn else self._score_native(chunk, entropy_out)
         t0 = time.perf_counter()
         n = chunk.numel()
         lk = self.kern.at(n)
@@ -599,27 +597,22 @@ class SomaLearner:
         self._account(bits, n_obs, time.perf_counter() - t0 if learn else 0.0)
         return bits
 
-    def _step_native(self, chunk: torch.Tensor, learn: bool, entropy_out: torch.Tensor | None) -> torch.Tensor:
-        """``_step`` on the compiled kernel: one call scores the chunk (through to each byte's
-        loss) and gives the trace bank's and P's moves past it; the window keeps the chunk's
-        bytes, and h and the logits at its observations, and its update is one more call
-        (``ObservationWindow``). When learning, the metabolism judges the chunk in pieces of
-        max_chunk bytes, as it judges the torch path's chunks, so a long chunk does not make it
-        slower to react; if a piece moves d while the window holds observations, the chunk ends
-        there (the rest, scored with weights about to change, is dropped and comes back as the
-        next chunk). Returns the losses of the bytes it took."""
+    def _step_native(self, chunk: torch.Tensor, entropy_out: torch.Tensor | None) -> torch.Tensor:
+        """``_step`` on the compiled kernel, learning (scoring is ``_score_native``): one call
+        scores the chunk (through to each byte's loss) and gives the trace bank's and P's moves
+        past it; the window keeps the chunk's bytes, and h and the logits at its observations,
+        and its update is one more call (``ObservationWindow``). The metabolism judges the chunk
+        in pieces of max_chunk bytes, as it judges the torch path's chunks, so a long chunk does
+        not make it slower to react; if a piece moves d while the window holds observations,
+        the chunk ends there (the rest, scored with weights about to change, is dropped and
+        comes back as the next chunk). Returns the losses of the bytes it took."""
         t0 = time.perf_counter()
         n = chunk.numel()
-        update_every_chunk = learn and self._chunk_holds_batch()
-        if learn:
-            self._close_window_if_changed(lambda window: window.has_room(n, n))
+        update_every_chunk = self._chunk_holds_batch()
+        self._close_window_if_changed(lambda window: window.has_room(n, n))
         carry_in = self.carry.contiguous()
         step = self._run_native(chunk, carry_in, entropy_out)
         bits = step.bits
-        if not learn:
-            self._move_past(step)
-            self._account(bits, 0, 0.0)
-            return bits
         taken = self._observe_pieces(chunk, step.zc[:, : self.cfg.hidden_dim], step.logits, bits, t0)
         if taken < n:  # the state where the chunk ends now (rare: d moved mid-chunk)
             step = self._run_native(chunk[:taken], carry_in)  # (seen may keep values of the dropped bytes: harmless, their traces are zero)
@@ -664,7 +657,10 @@ class SomaLearner:
         each byte's loss (its entropy into ``entropy_out`` if given), the trace bank and P after
         it (``seen`` is marked for its byte values). Raises NumericalFault on a non-finite loss."""
         cfg, params = self.cfg, self._params
-        step = self._recurrence.run_chunk(chunk, params.ucat, self.alpha, carry, cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out, self._pending)
+        return self._finite(self._recurrence.run_chunk(chunk, params.ucat, self.alpha, carry, cfg.features == "bandpass", cfg.hidden_dim, cfg.activation, params.w, params.b, self.traces, self.seen, self._work, entropy_out, self._pending))
+
+    def _finite(self, step: native.ChunkPass | native.ScorePass) -> native.ChunkPass | native.ScorePass:
+        """``step``, once its losses are known finite; NumericalFault otherwise."""
         if not step.finite:
             raise NumericalFault(f"non-finite loss after {self.bytes_seen} bytes")
         return step

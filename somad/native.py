@@ -227,16 +227,11 @@ class Recurrence:
         the chunk's byte values are first brought up to date with it (in ``ucat``)."""
         import torch
 
-        self._check(chunk, ucat, alpha, carry)
-        (k, c), n = carry.shape, chunk.numel()
-        for name, tensor, dtype, shape in (("w", w, torch.float32, (hidden, 256)), ("b", b, torch.float32, (256,)), ("traces", traces, torch.float64, (256, k)), ("seen", seen, torch.bool, (256,))):
-            _require(name, tensor, dtype, shape)
-        if entropy is not None:
-            _require("entropy", entropy, torch.float32, (n,))
+        k, c, n = self._check_forward(chunk, ucat, alpha, carry, hidden, w, b, traces, seen, entropy)
         out = ChunkPass(torch.empty(n, c), torch.empty(n, 256), torch.empty(n), entropy, torch.empty(k, c), torch.empty(256, k, dtype=torch.float64), True)
         rc = self._call(work, chunk, ucat, alpha, carry, bandpass, out.zc, hidden, ACTIVATIONS[activation], w, b, out.logits, out.bits, entropy, out.carry, traces, out.traces, seen, pending)
         out.finite = rc != NOT_FINITE
-        if pending is not None and pending.count:
+        if pending is not None and pending.count:  # the bytes' rows were brought up to date in ucat
             _mark_written(ucat)
         return out
 
@@ -246,19 +241,14 @@ class Recurrence:
         bank after the last byte (arguments as ``run_chunk``'s)."""
         import torch
 
-        self._check(data, ucat, alpha, carry)
-        (k, c), n = carry.shape, data.numel()
-        for name, tensor, dtype, shape in (("w", w, torch.float32, (hidden, 256)), ("b", b, torch.float32, (256,)), ("traces", traces, torch.float64, (256, k)), ("seen", seen, torch.bool, (256,))):
-            _require(name, tensor, dtype, shape)
-        if entropy is not None:
-            _require("entropy", entropy, torch.float32, (n,))
+        k, c, n = self._check_forward(data, ucat, alpha, carry, hidden, w, b, traces, seen, entropy)
         out = ScorePass(torch.empty(n), entropy, torch.empty(k, c), torch.empty(256, k, dtype=torch.float64), True)
         pointers = [None if t is None else t.data_ptr() for t in (data, ucat, alpha, carry, w, b, out.bits, entropy, out.carry, traces, out.traces, seen)]
         rc = work.call(self._score, n, chunk, k, c, hidden, int(bandpass), ACTIVATIONS[activation], *pointers, *_pending_pointers(pending, k, c, with_banks=True))
         if rc < 0 and rc != NOT_FINITE:
             raise ValueError(f"soma_score_chunks: bad arguments (n={n}, chunk={chunk}, K={k}, C={c}, bytes 0..255)")
         out.finite = rc != NOT_FINITE
-        if pending is not None and pending.count:
+        if pending is not None and pending.count:  # the bytes' rows were brought up to date in ucat
             _mark_written(ucat)
         return out
 
@@ -319,6 +309,20 @@ class Recurrence:
         k, c = carry.shape
         if ucat.shape != (256 * k, c) or alpha.shape != (k,) or chunk.dim() != 1:
             raise ValueError(f"shapes do not agree: chunk {tuple(chunk.shape)}, ucat {tuple(ucat.shape)}, alpha {tuple(alpha.shape)}, carry {tuple(carry.shape)}")
+
+    @classmethod
+    def _check_forward(cls, chunk, ucat, alpha, carry, hidden, w, b, traces, seen, entropy) -> tuple[int, int, int]:
+        """``_check``, and the readout's, trace bank's, seen flags' and entropy's dtypes and
+        shapes (``run_chunk``'s arguments). Returns (K, C, n)."""
+        import torch
+
+        cls._check(chunk, ucat, alpha, carry)
+        (k, c), n = carry.shape, chunk.numel()
+        for name, tensor, dtype, shape in (("w", w, torch.float32, (hidden, 256)), ("b", b, torch.float32, (256,)), ("traces", traces, torch.float64, (256, k)), ("seen", seen, torch.bool, (256,))):
+            _require(name, tensor, dtype, shape)
+        if entropy is not None:
+            _require("entropy", entropy, torch.float32, (n,))
+        return k, c, n
 
     def _call(self, work, chunk, ucat, alpha, carry, bandpass, zc, hidden=None, act=0, w=None, b=None, logits=None, bits=None, entropy=None, carry_out=None, traces=None, traces_out=None, seen=None, pending=None) -> int:
         """Run soma_chunk_forward (arguments as ``run_chunk``; None: not wanted). Returns the

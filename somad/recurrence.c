@@ -450,6 +450,22 @@ typedef struct {
     int32_t *version;
 } pending;
 
+/* Whether the caller's workspace (*work_len floats at work) is smaller than need floats; if
+ * so, *work_len is set to need (the functions then return -3, and the caller grows it). */
+static int too_little_work(const float *work, int64_t *work_len, size_t need) {
+    if (work && *work_len >= 0 && (size_t)*work_len >= need) return 0;
+    *work_len = (int64_t)need;
+    return 1;
+}
+
+/* The seen byte values (seen: 256 flags) into rows, in increasing order. Returns their number. */
+static int seen_rows(const uint8_t *seen, int *rows) {
+    int s = 0;
+    for (int v = 0; v < V; v++)
+        if (seen[v]) rows[s++] = v;
+    return s;
+}
+
 /* Floats of scratch refresh_rows needs for nr rows. */
 static size_t refresh_work(int nr, int C, int count) { return (size_t)nr * C + (size_t)nr * count; }
 
@@ -495,14 +511,9 @@ int soma_rows_refresh(int K, int C, int bandpass, float *ucat, const uint8_t *se
                       const float *d, const float *coef, const int64_t *banks, int32_t *version,
                       float *work, int64_t *work_len) {
     if (K < 1 || K > MAX_BANDS || C < 1 || count < 0 || !work_len) return -1;
-    int rows[V], s = 0;
-    for (int v = 0; v < V; v++)
-        if (seen[v]) rows[s++] = v;
+    int rows[V], s = seen_rows(seen, rows);
     size_t need = refresh_work(s, C, count);
-    if (!work || *work_len < 0 || (size_t)*work_len < need) {
-        *work_len = (int64_t)need;
-        return -3;
-    }
+    if (too_little_work(work, work_len, need)) return -3;
     pending pd = {count, d, coef, banks, version};
     refresh_rows(s, rows, K, C, bandpass, ucat, &pd, work);
     return 0;
@@ -550,10 +561,7 @@ int soma_chunk_forward(int n, int K, int C, int H, int bandpass, int act, const 
     float decay_n[MAX_BANDS];
     double decay64[MAX_BANDS];
     size_t mk = (size_t)m * K, need = forward_work(m, K, C, pend_count);
-    if (!work || *work_len < 0 || (size_t)*work_len < need) {
-        *work_len = (int64_t)need;
-        return -3;
-    }
+    if (too_little_work(work, work_len, need)) return -3;
     pending pd = {pend_count, pend_d, pend_coef, pend_banks, version};
     refresh_rows(m, values, K, C, bandpass, ucat, &pd, work); /* the rows this chunk reads, up to date */
     double *sums = (double *)work; /* first: 8-byte aligned as the workspace is */
@@ -608,10 +616,7 @@ int soma_score_chunks(int n, int chunk, int K, int C, int H, int bandpass, int a
         return -1;
     int len = n < chunk ? n : chunk, most = len < V ? len : V; /* a chunk's length, and its distinct values at most */
     size_t inner = forward_work(most, K, C, pend_count), need = inner + (size_t)len * C + (size_t)len * V;
-    if (!work || *work_len < 0 || (size_t)*work_len < need) {
-        *work_len = (int64_t)need;
-        return -3;
-    }
+    if (too_little_work(work, work_len, need)) return -3;
     float *zc = work + inner, *logits = zc + (size_t)len * C; /* the forward's own scratch first: 8-byte aligned */
     if (carry_out != carry) memcpy(carry_out, carry, (size_t)K * C * sizeof(float));
     if (traces_out != traces) memcpy(traces_out, traces, (size_t)V * K * sizeof(double));
@@ -756,9 +761,7 @@ int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, co
                        float *work, int64_t *work_len) {
     if (K < 1 || K > MAX_BANDS || H < 1 || (C != H && C != H + V) || L < 0 || o < 0 || o > L) return -1;
     if (act < 1 || act > 2 || !work_len) return -1;
-    int rows[V], s = 0;
-    for (int v = 0; v < V; v++)
-        if (seen[v]) rows[s++] = v;
+    int rows[V], s = seen_rows(seen, rows);
     for (int t = 0; t < L; t++)
         if (!seen[bytes[t]]) return -1;
     for (int i = 0; i < o; i++)
@@ -770,10 +773,7 @@ int soma_window_update(int K, int C, int H, int bandpass, int act, int apply, co
     size_t R = (size_t)(u + 1) * K, KC = (size_t)K * C, direct = C > H;
     size_t ldt = ((size_t)o + VW - 1) / VW * VW; /* o, padded to whole vectors */
     size_t need = 2 * (size_t)u * K + (size_t)o * R + (size_t)o * C + (direct ? 0 : (size_t)o * V) + 2 * KC + 2 * (size_t)C + (size_t)V * ldt + (size_t)H * ldt;
-    if (!work || *work_len < 0 || (size_t)*work_len < need) {
-        *work_len = (int64_t)need;
-        return -3;
-    }
+    if (too_little_work(work, work_len, need)) return -3;
     double *acc = (double *)work; /* first: 8-byte aligned as the workspace is */
     float *at = work + 2 * (size_t)u * K;
     float *dzc = at + (size_t)o * R;                         /* o x C: [dz | g] */
